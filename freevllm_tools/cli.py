@@ -1,0 +1,161 @@
+"""``freevllm``: ask, index, search, chat, inspect and demo from a terminal.
+
+Errors of the project's own family print as one line (what, why, the fix) and exit with
+status 2; nothing here prints a traceback for a bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import list_presets
+from .errors import FreeVideoError
+
+__all__ = ["main", "build_parser"]
+
+DEFAULT_GUIDE = "ViT-L-14-336"
+DEFAULT_GUIDE_PRETRAINED = "openai"
+DEFAULT_LLM = "llava-hf/llava-v1.6-vicuna-7b-hf"
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument("--guide", default=DEFAULT_GUIDE, help="open_clip model name or config JSON (default: %(default)s)")
+    group.add_argument(
+        "--guide-pretrained",
+        default=DEFAULT_GUIDE_PRETRAINED,
+        help="open_clip weights tag or a local checkpoint file (default: %(default)s)",
+    )
+    group.add_argument(
+        "--llm",
+        default=DEFAULT_LLM,
+        help="LLaVA-family model: hub name or local directory (default: %(default)s; "
+        "on a CPU try llava-hf/llava-onevision-qwen2-0.5b-ov-hf)",
+    )
+    group.add_argument(
+        "--preset",
+        default="paper",
+        help=f"perception preset ({', '.join(list_presets())}) or a reference string (default: %(default)s)",
+    )
+    group.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cuda when present)")
+    group.add_argument("--cache-dir", default=None, help="feature cache folder (default: FREEVLLM_CACHE or the user cache)")
+    group.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
+
+
+def _load_pipeline(args: argparse.Namespace) -> Any:
+    from .pipeline import FreeVideoLLM
+
+    return FreeVideoLLM.from_pretrained(
+        guide=args.guide,
+        llm=args.llm,
+        preset=args.preset,
+        guide_pretrained=args.guide_pretrained,
+        device=args.device,
+        cache_dir=args.cache_dir,
+        use_cache=not args.no_cache,
+    )
+
+
+def _print_provenance(result: Any, out: Any = sys.stdout) -> None:
+    for name, p in result.pathways.items():
+        if not p.frame_indices:
+            continue
+        print(f"  {name:<6} {p.num_tokens:>5} tokens, {len(p.frame_indices)} frames", file=out)
+        if name == "fast":
+            times = ", ".join(f"{t:.2f}s" for t in p.timestamps)
+            print(f"         at {times}", file=out)
+            continue
+        for index, t, box, box_px in zip(p.frame_indices, p.timestamps, p.boxes, p.boxes_px):
+            where = f" RoI cells {box} = pixels {box_px}" if box else ""
+            print(f"         frame {index:>6} at {t:8.2f}s{where}", file=out)
+    print(f"  visual tokens: {result.num_visual_tokens}", file=out)
+
+
+def cmd_ask(args: argparse.Namespace) -> int:
+    qa = _load_pipeline(args)
+    if args.json:
+        result = qa.ask(args.video, args.question, max_new_tokens=args.max_new_tokens, progress=True)
+        print(json.dumps(result.to_dict(), indent=2))
+        return 0
+    result = qa.ask(
+        args.video,
+        args.question,
+        max_new_tokens=args.max_new_tokens,
+        progress=True,
+        on_text=lambda piece: print(piece, end="", flush=True),
+    )
+    print()
+    _print_provenance(result)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .render import save_contact_sheet
+    from .video import read_frames
+
+    qa = _load_pipeline(args)
+    result = qa.ask(args.video, args.question, max_new_tokens=args.max_new_tokens, progress=True)
+    frames = read_frames(args.video, qa.config.num_frames)
+    images = {int(i): image for i, image in zip(frames.indices, frames.images)}
+    path = save_contact_sheet(result, images, args.out)
+    print(f"Answer: {result.answer}")
+    _print_provenance(result)
+    print(f"contact sheet: {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="freevllm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ask = sub.add_parser("ask", help="answer a question about a video")
+    ask.add_argument("video")
+    ask.add_argument("question")
+    ask.add_argument("--json", action="store_true", help="print the full result as JSON")
+    ask.add_argument("--max-new-tokens", type=int, default=128)
+    _add_model_options(ask)
+    ask.set_defaults(func=cmd_ask)
+
+    inspect = sub.add_parser("inspect", help="answer and draw a contact sheet of the frames and regions used")
+    inspect.add_argument("video")
+    inspect.add_argument("question")
+    inspect.add_argument("--out", default="contact_sheet.png")
+    inspect.add_argument("--max-new-tokens", type=int, default=128)
+    _add_model_options(inspect)
+    inspect.set_defaults(func=cmd_inspect)
+
+    demo = sub.add_parser("demo", help="run the whole method offline on a synthetic video")
+    demo.add_argument("--out", default="demo_out")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``freevllm`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except FreeVideoError as error:
+        print(f"freevllm: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("freevllm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

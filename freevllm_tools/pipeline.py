@@ -1,0 +1,352 @@
+"""``FreeVideoLLM``: the stages wired together, video -> frames -> features -> plan -> answer.
+
+A video is decoded once per question, and each sampled frame goes through each encoder (the
+CLIP guide and the LLM's vision tower) at most once. The result carries its grounding: which
+frames each pathway kept, at what time, and which region of each frame.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import perception
+from .config import PerceptionConfig
+from .errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from .answerer import LlavaAnswerer
+    from .guide import ClipGuide
+    from .video import Frames
+
+__all__ = ["FreeVideoLLM", "AskResult", "PathwayProvenance", "VideoFeatures", "MAX_QUESTION_CHARS"]
+
+#: Longest question accepted; longer ones are refused before any work.
+MAX_QUESTION_CHARS = 2000
+
+Box4 = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class PathwayProvenance:
+    """What one pathway kept: frames, their times, and the region of each frame."""
+
+    name: str
+    frame_indices: list[int]
+    """Frame numbers in the video."""
+    timestamps: list[float]
+    """Presentation times of those frames, in seconds."""
+    grid: tuple[int, int]
+    """Token grid (rows, columns) of one frame after pooling, before the crop."""
+    boxes: list[Box4 | None]
+    """RoI per frame in grid cells, (top, left, bottom, right), half-open; None: no crop."""
+    boxes_px: list[Box4 | None]
+    """RoI per frame in pixels of the original frame, (x0, y0, x1, y1)."""
+    num_tokens: int
+
+
+@dataclass
+class AskResult:
+    """An answer and the evidence it rests on."""
+
+    answer: str
+    question: str
+    video: str
+    pathways: dict[str, PathwayProvenance]
+    num_visual_tokens: int
+    timings: dict[str, float]
+    """Seconds per stage: decode, guide, vision, perception, prefill, generate (and total)."""
+    cache_hit: bool
+    models: dict[str, str]
+    """Identity of the guide and of the language model."""
+    config: str = ""
+    frame_size: tuple[int, int] = (0, 0)
+    """(width, height) of the video's frames as displayed."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def timestamps(self) -> list[float]:
+        """Every distinct time the answer looked at closely (slow and middle pathways)."""
+        times = {
+            t for name in ("slow", "middle") if name in self.pathways for t in self.pathways[name].timestamps
+        }
+        return sorted(times)
+
+    def grounding(self) -> str:
+        """One line naming the key frames' times and regions, for an LLM or a log."""
+        parts = []
+        for name in ("slow", "middle"):
+            p = self.pathways.get(name)
+            if not p or not p.frame_indices:
+                continue
+            spots = []
+            for t, box in zip(p.timestamps, p.boxes_px):
+                spots.append(f"{t:.2f}s" + (f" region x{box[0]}-{box[2]} y{box[1]}-{box[3]}" if box else ""))
+            parts.append(f"{name} frames at " + ", ".join(spots))
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        data = asdict(self)
+        data["pathways"] = {k: asdict(v) for k, v in self.pathways.items()}
+        return data
+
+
+@dataclass
+class VideoFeatures:
+    """Everything about one video that does not depend on the question."""
+
+    path: str
+    indices: list[int]
+    timestamps: list[float]
+    frame_size: tuple[int, int]
+    guide_pooled: torch.Tensor
+    """(T, Dg) float32, L2-normalised."""
+    guide_dense: torch.Tensor
+    """(T, hg, wg, Dg) float32, L2-normalised."""
+    frame_tokens: torch.Tensor
+    """(T, h, w, D) the LLM-side projected tokens."""
+    cache_hit: bool = False
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def check_question(question: object, max_chars: int = MAX_QUESTION_CHARS) -> str:
+    """The stripped question, or InputError when it is not a non-empty, bounded string."""
+    if not isinstance(question, str):
+        raise InputError(f"question must be a string, got {type(question).__name__}")
+    text = question.strip()
+    if not text:
+        raise InputError("question is empty; ask something about the video, e.g. 'What happens at the end?'")
+    if len(text) > max_chars:
+        raise InputError(
+            f"question is {len(text)} characters long; the limit is {max_chars}. Shorten it."
+        )
+    return text
+
+
+class FreeVideoLLM:
+    """Training-free video question answering: Free Video-LLM on a LLaVA-family model.
+
+    Build it from loaded parts, or with :meth:`from_pretrained` from model names::
+
+        qa = FreeVideoLLM.from_pretrained()                 # CLIP ViT-L-14-336 + LLaVA-v1.6-7B
+        result = qa.ask("clip.mp4", "What happens at the end?")
+        print(result.answer, result.grounding())
+    """
+
+    def __init__(
+        self,
+        guide: ClipGuide,
+        answerer: LlavaAnswerer,
+        config: PerceptionConfig | str = "paper",
+        *,
+        cache: Any | None = None,
+        max_new_tokens: int = 128,
+    ) -> None:
+        self._guide = guide
+        self.answerer = answerer
+        self.config = PerceptionConfig.from_preset(config) if isinstance(config, str) else config
+        if not isinstance(self.config, PerceptionConfig):
+            raise ConfigError(f"config must be a PerceptionConfig or a preset name, got {config!r}")
+        self.cache = cache
+        self.max_new_tokens = max_new_tokens
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        guide: str = "ViT-L-14-336",
+        llm: str = "llava-hf/llava-v1.6-vicuna-7b-hf",
+        preset: PerceptionConfig | str = "paper",
+        *,
+        guide_pretrained: str | None = "openai",
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        device_map: Any = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        use_cache: bool = True,
+        rope_scaling_factor: float | None = 2.0,
+    ) -> FreeVideoLLM:
+        """Load the guide (open_clip) and the answerer (transformers) by name or local path.
+
+        Defaults are the paper's pair. For a CPU, use a small LLaVA-family model, e.g.
+        ``llm="llava-hf/llava-onevision-qwen2-0.5b-ov-hf"``.
+        """
+        from .answerer import LlavaAnswerer
+        from .guide import ClipGuide
+
+        clip = ClipGuide.from_pretrained(guide, guide_pretrained, device=device, dtype=dtype)
+        answerer = LlavaAnswerer.from_pretrained(
+            llm, device=device, dtype=dtype, device_map=device_map, rope_scaling_factor=rope_scaling_factor
+        )
+        cache = None
+        if use_cache:
+            from .cache import FeatureCache
+
+            cache = FeatureCache(cache_dir)
+        return cls(clip, answerer, preset, cache=cache)
+
+    @property
+    def guide(self) -> ClipGuide:
+        """The CLIP guide that scores frames and regions against the question."""
+        return self._guide
+
+    @property
+    def models(self) -> dict[str, str]:
+        return {"guide": self._guide.identity, "llm": self.answerer.identity}
+
+    # -- stages --------------------------------------------------------------------------
+
+    def features(self, video: str | os.PathLike[str], *, progress: bool = False, timer: _Timer | None = None) -> VideoFeatures:
+        """Decode the video once and encode its sampled frames with both encoders."""
+        from .video import read_frames
+
+        timer = timer or _Timer()
+        with timer("decode"):
+            frames = read_frames(video, self.config.num_frames)
+        return self._encode(frames, progress=progress, timer=timer)
+
+    def _encode(self, frames: Frames, *, progress: bool, timer: _Timer) -> VideoFeatures:
+        with timer("guide"):
+            guide = self._guide.encode_frames(frames.images, progress=progress)
+        with timer("vision"):
+            tokens = self.answerer.encode_frames(frames.images, progress=progress)
+        return VideoFeatures(
+            path=frames.info.path,
+            indices=[int(i) for i in frames.indices],
+            timestamps=[float(t) for t in frames.timestamps],
+            frame_size=(frames.info.width, frames.info.height),
+            guide_pooled=guide.pooled,
+            guide_dense=guide.dense,
+            frame_tokens=tokens,
+        )
+
+    def plan(
+        self, features: VideoFeatures, question: str, *, timer: _Timer | None = None
+    ) -> perception.Plan:
+        """Which frames and regions the question needs (no language model involved)."""
+        timer = timer or _Timer()
+        with timer("guide"):
+            text = self._guide.encode_text([question])[0]
+        with timer("perception"):
+            return perception.plan(
+                self.config,
+                features.guide_pooled,
+                features.guide_dense,
+                text,
+                grid=tuple(features.frame_tokens.shape[1:3]),
+            )
+
+    def _prepare(
+        self, video: str | os.PathLike[str], question: str, progress: bool
+    ) -> tuple[str, VideoFeatures, perception.Plan, torch.Tensor, _Timer]:
+        question = check_question(question)
+        timer = _Timer()
+        features = self.features(video, progress=progress, timer=timer)
+        plan = self.plan(features, question, timer=timer)
+        with timer("perception"):
+            tokens = perception.gather(plan, features.frame_tokens)
+        return question, features, plan, tokens, timer
+
+    # -- public API ----------------------------------------------------------------------
+
+    def ask(
+        self,
+        video: str | os.PathLike[str],
+        question: str,
+        *,
+        max_new_tokens: int | None = None,
+        progress: bool = False,
+    ) -> AskResult:
+        """Answer ``question`` about ``video``; the result names the frames and regions used."""
+        started = time.perf_counter()
+        question, features, plan, tokens, timer = self._prepare(video, question, progress)
+        generation = self.answerer.answer(
+            question, tokens, max_new_tokens=max_new_tokens or self.max_new_tokens
+        )
+        timer.timings["prefill"] = generation.prefill_s
+        timer.timings["generate"] = generation.generate_s
+        timer.timings["total"] = time.perf_counter() - started
+        return self._result(question, features, plan, generation.text, timer.timings)
+
+    async def aask(
+        self, video: str | os.PathLike[str], question: str, *, max_new_tokens: int | None = None
+    ) -> AskResult:
+        """:meth:`ask` in a worker thread, so an event loop stays responsive."""
+        return await asyncio.to_thread(self.ask, video, question, max_new_tokens=max_new_tokens)
+
+    def stream(
+        self,
+        video: str | os.PathLike[str],
+        question: str,
+        *,
+        max_new_tokens: int | None = None,
+        progress: bool = False,
+    ) -> Iterator[str]:
+        """Yield the answer in pieces as the model writes it; joined, they equal ``ask``'s answer."""
+        question, _features, _plan, tokens, _timer = self._prepare(video, question, progress)
+        yield from self.answerer.stream(
+            question, tokens, max_new_tokens=max_new_tokens or self.max_new_tokens
+        )
+
+    def _result(
+        self,
+        question: str,
+        features: VideoFeatures,
+        plan: perception.Plan,
+        answer: str,
+        timings: dict[str, float],
+    ) -> AskResult:
+        return AskResult(
+            answer=answer,
+            question=question,
+            video=features.path,
+            pathways=provenance(plan, features),
+            num_visual_tokens=plan.num_tokens,
+            timings=timings,
+            cache_hit=features.cache_hit,
+            models=self.models,
+            config=_config_label(self.config),
+            frame_size=features.frame_size,
+        )
+
+
+def provenance(plan: perception.Plan, features: VideoFeatures) -> dict[str, PathwayProvenance]:
+    """Translate a plan's frame positions and grid boxes to video frame numbers, times, pixels."""
+    result = {}
+    for name, p in plan.pathways.items():
+        result[name] = PathwayProvenance(
+            name=name,
+            frame_indices=[features.indices[i] for i in p.frames],
+            timestamps=[round(features.timestamps[i], 4) for i in p.frames],
+            grid=tuple(p.grid),
+            boxes=[None if b is None else (b.top, b.left, b.bottom, b.right) for b in p.boxes],
+            boxes_px=[None if b is None else tuple(b.to_pixels(p.grid, features.frame_size)) for b in p.boxes],
+            num_tokens=p.num_tokens,
+        )
+    return result
+
+
+def _config_label(config: PerceptionConfig) -> str:
+    try:
+        return config.to_reference_string()
+    except ConfigError:
+        return repr(config)
