@@ -33,12 +33,15 @@ _LAZY = {
     "perceive": "perception",
     "FreeVideoLLM": "pipeline",
     "AskResult": "pipeline",
+    "LlavaAnswerer": "answerer",
+    "Generation": "answerer",
     "VideoLibrary": "library",
     "Moment": "library",
     "FeatureCache": "cache",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .answerer import Generation, LlavaAnswerer
     from .cache import FeatureCache
     from .guide import ClipGuide, GuideFeatures
     from .library import Moment, VideoLibrary
