@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,7 +22,7 @@ from .config import PerceptionConfig
 from .errors import ConfigError, InputError
 
 if TYPE_CHECKING:
-    from .answerer import LlavaAnswerer
+    from .answerer import Generation, LlavaAnswerer
     from .guide import ClipGuide
     from .video import Frames
 
@@ -190,7 +190,7 @@ class FreeVideoLLM:
         Defaults are the paper's pair. For a CPU, use a small LLaVA-family model, e.g.
         ``llm="llava-hf/llava-onevision-qwen2-0.5b-ov-hf"``.
         """
-        from .answerer import LlavaAnswerer
+        from .answerer import Generation, LlavaAnswerer
         from .guide import ClipGuide
 
         clip = ClipGuide.from_pretrained(guide, guide_pretrained, device=device, dtype=dtype)
@@ -275,13 +275,22 @@ class FreeVideoLLM:
         *,
         max_new_tokens: int | None = None,
         progress: bool = False,
+        on_text: Callable[[str], None] | None = None,
     ) -> AskResult:
-        """Answer ``question`` about ``video``; the result names the frames and regions used."""
+        """Answer ``question`` about ``video``; the result names the frames and regions used.
+
+        ``on_text`` receives the answer in pieces as the model writes it (for a terminal).
+        """
         started = time.perf_counter()
         question, features, plan, tokens, timer = self._prepare(video, question, progress)
-        generation = self.answerer.answer(
-            question, tokens, max_new_tokens=max_new_tokens or self.max_new_tokens
-        )
+        limit = max_new_tokens or self.max_new_tokens
+        if on_text is None:
+            generation = self.answerer.answer(question, tokens, max_new_tokens=limit)
+        else:
+            finished: list[Generation] = []
+            for piece in self.answerer.stream(question, tokens, max_new_tokens=limit, on_finish=finished.append):
+                on_text(piece)
+            generation = finished[0]
         timer.timings["prefill"] = generation.prefill_s
         timer.timings["generate"] = generation.generate_s
         timer.timings["total"] = time.perf_counter() - started
