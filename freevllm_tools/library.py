@@ -1,0 +1,1498 @@
+"""``VideoLibrary``: search a folder of videos by text, answers are ``Moment``s (video, start, end).
+
+Each video is sampled (see *Sampling* below), each sampled frame embedded once by the CLIP
+guide (the pooled, L2-normalised image embedding), and the embeddings put in a frame index
+(FAISS by default). A text query is embedded by the same guide; frames are scored by inner
+product (cosine); the best frames are merged, per video, into moments: runs of hits that are
+consecutive in the video's sampled frames (or closer than ``merge_gap`` seconds).
+
+Storage, in the library folder::
+
+    library.sqlite       videos, frames (id -> video, position, frame index, timestamp) and the
+                         embeddings themselves: the source of truth (SQLite, WAL mode)
+    index.json           manifest of the frame index: file, count, dim, max id, identity,
+                         generation, checksum
+    index-*.faiss        the FAISS index named by the manifest
+    library.lock         the writers' file lock
+
+Crash safety: a writer holds the file lock, writes one video's rows in one SQLite
+transaction, and only then updates and saves the FAISS index (temporary file, fsync, rename,
+then the manifest the same way). A killed writer therefore leaves the database as it was
+before the video it was on, and at worst a FAISS file that is behind it. Opening checks the
+index against the manifest (checksum, identity, dimension) and against SQLite (ids), then
+catches it up or rebuilds it from the embeddings in SQLite; it never serves a stale index.
+A reader that finds the database changed by another process (a generation counter) brings
+its in-memory index up to date before searching.
+
+Sampling, always by the segment-middle rule: ``ceil(duration * frames_per_second)`` frames,
+at least ``num_frames`` and at most ``max_frames`` (defaults 0.5 frame/s, 50, 120): a clip up
+to 100 s gets the 50 frames ``ask`` samples, so the two share cached guide features; longer
+videos get denser sampling, up to one frame every 2 s. ``frames_per_second=False`` samples
+exactly ``num_frames``. The cap bounds the decoded frames held in memory at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from .cache import GUIDE_POOLED, FeatureCache, feature_name, hash_file, jsonable
+from .errors import FreeVideoError, InputError, LibraryError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .guide import ClipGuide
+
+__all__ = [
+    "VideoLibrary",
+    "Moment",
+    "VideoRecord",
+    "AddReport",
+    "IndexRepair",
+    "FrameIndex",
+    "FaissFrameIndex",
+    "make_frame_index",
+    "format_moments",
+    "default_library_dir",
+    "VIDEO_EXTENSIONS",
+]
+
+logger = logging.getLogger(__name__)
+
+#: File name endings ``add`` picks up when given a folder (a file given by name is always tried).
+VIDEO_EXTENSIONS = frozenset(
+    {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".wmv", ".flv", ".3gp",
+     ".ts", ".mts", ".m2ts", ".ogv"}
+)
+
+_SCHEMA_VERSION = 1
+_DB_NAME = "library.sqlite"
+_MANIFEST = "index.json"
+_LOCK = "library.lock"
+_SQL_CHUNK = 900
+_SAVE_EVERY_S = 30.0
+_SAVE_EACH_BELOW_BYTES = 64 * 1024**2
+_INDEX_KINDS = ("flat", "hnsw")
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS videos (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        path TEXT NOT NULL UNIQUE,
+        content_key TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, inode INTEGER NOT NULL,
+        guide_identity TEXT NOT NULL,
+        requested_frames INTEGER NOT NULL,
+        indexed_frames INTEGER NOT NULL,
+        num_frames INTEGER NOT NULL, fps REAL NOT NULL, duration REAL NOT NULL,
+        width INTEGER NOT NULL, height INTEGER NOT NULL,
+        info TEXT NOT NULL, partial INTEGER NOT NULL, added_at REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS videos_content ON videos (content_key)",
+    """CREATE TABLE IF NOT EXISTS frames (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        video_id INTEGER NOT NULL REFERENCES videos (id) ON DELETE CASCADE,
+        position INTEGER NOT NULL, frame_index INTEGER NOT NULL, timestamp REAL NOT NULL,
+        embedding BLOB NOT NULL,
+        UNIQUE (video_id, position))""",
+)
+
+
+# -- records ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Moment:
+    """A span of one video that matches a query.
+
+    ``start``/``end`` bound the segments the matching sampled frames stand for: from halfway
+    to the previous sampled frame (or 0) to halfway to the next one (or the video's end).
+    """
+
+    video_id: int
+    """The video's id in the library (stable across restarts)."""
+    path: str
+    """The video file's real path."""
+    start: float
+    """Seconds."""
+    end: float
+    """Seconds."""
+    score: float
+    """Best frame score in the moment: cosine similarity of frame and query embeddings."""
+    frame_indices: tuple[int, ...]
+    """Frame numbers in the video of the matching sampled frames, in time order."""
+    timestamps: tuple[float, ...]
+    """Their presentation times, seconds."""
+    frame_scores: tuple[float, ...]
+    """Their scores."""
+    frame_ids: tuple[int, ...] = ()
+    """Their ids in the library's frame index."""
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+    @property
+    def name(self) -> str:
+        """The video's file name."""
+        return os.path.basename(self.path)
+
+    @property
+    def best_timestamp(self) -> float:
+        """Time of the best-scoring frame: where to jump to."""
+        return self.timestamps[int(np.argmax(self.frame_scores))]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form (tuples become lists)."""
+        data = asdict(self)
+        for key in ("frame_indices", "timestamps", "frame_scores", "frame_ids"):
+            data[key] = list(data[key])
+        return data
+
+    def __str__(self) -> str:
+        return f"{self.name} {_clock(self.start)}-{_clock(self.end)} (score {self.score:.3f})"
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One indexed video."""
+
+    id: int
+    path: str
+    content_key: str
+    """Content hash of the file (the feature cache's video key)."""
+    duration: float
+    """Seconds."""
+    num_frames: int
+    """Frames in the video."""
+    fps: float
+    width: int
+    """As displayed."""
+    height: int
+    indexed_frames: int
+    """Sampled frames in the index."""
+    guide_identity: str
+    partial: bool
+    """Decoding stopped early: only the frames before a broken one are indexed."""
+    added_at: float
+    """Unix time the video was (last) indexed."""
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(width, height)`` as displayed."""
+        return (self.width, self.height)
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class AddReport:
+    """What :meth:`VideoLibrary.add` did, file by file."""
+
+    added: list[str] = field(default_factory=list)
+    """New videos indexed."""
+    updated: list[str] = field(default_factory=list)
+    """Videos whose file (or the guide, or the sampling) changed: re-indexed."""
+    skipped: list[str] = field(default_factory=list)
+    """Unchanged videos: nothing done."""
+    moved: list[tuple[str, str]] = field(default_factory=list)
+    """``(old path, new path)``: an indexed file found under a new name (its ids are kept)."""
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    """``(path, reason)`` of files that could not be indexed."""
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+    """``(path, message)``: indexed, with a caveat (e.g. decoding stopped early)."""
+    frames_added: int = 0
+    """Frames put in the index."""
+    cache_hits: int = 0
+    """Videos whose embeddings came from the feature cache or the library (no decode)."""
+
+    @property
+    def ok(self) -> bool:
+        """No file failed."""
+        return not self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        parts = [
+            f"{len(self.added)} added",
+            f"{len(self.updated)} updated",
+            f"{len(self.skipped)} unchanged",
+        ]
+        if self.moved:
+            parts.append(f"{len(self.moved)} moved")
+        parts.append(f"{len(self.failed)} failed")
+        lines = [", ".join(parts) + f" ({self.frames_added} frames indexed)"]
+        lines += [f"  failed: {path}: {reason}" for path, reason in self.failed]
+        lines += [f"  warning: {path}: {message}" for path, message in self.warnings]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class IndexRepair:
+    """A repair of the frame index found necessary when the library was opened."""
+
+    reason: str
+    action: str
+    """``"rebuilt"`` (from SQLite) or ``"caught up"`` (missing vectors added, extra removed)."""
+    vectors: int
+    """Vectors in the index afterwards."""
+
+
+# -- the frame index -------------------------------------------------------------------------
+
+
+@runtime_checkable
+class FrameIndex(Protocol):
+    """Vectors by integer id, searched by inner product: what the library needs of an index.
+
+    :class:`FaissFrameIndex` is the embedded default; a vector database client with these
+    methods can take its place (``VideoLibrary(..., index=my_index)``). Vectors are
+    L2-normalised float32 ``(N, dim)``; ids are int64 and never reused by the library.
+    """
+
+    kind: str
+    dim: int
+    supports_remove: bool
+
+    @property
+    def ntotal(self) -> int: ...
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None: ...
+
+    def remove(self, ids: np.ndarray) -> None: ...
+
+    def search(
+        self, vectors: np.ndarray, k: int, *, allowed_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores (Q, k), ids (Q, k))``, best first; missing results have id -1."""
+        ...
+
+    def ids(self) -> np.ndarray: ...
+
+
+class FaissFrameIndex:
+    """A FAISS ``IndexIDMap2`` over an exact inner-product index (``"flat"``) or HNSW (``"hnsw"``).
+
+    HNSW cannot remove vectors: ``supports_remove`` is False and the library rebuilds it
+    from SQLite instead. ``options``: ``m`` (HNSW links per node, 32), ``ef_construction``
+    (200), ``ef_search`` (128, raised to ``k`` when smaller).
+    """
+
+    def __init__(self, kind: str, dim: int, *, index: Any = None, **options: Any) -> None:
+        import faiss
+
+        if kind not in _INDEX_KINDS:
+            raise InputError(f"index must be one of {_INDEX_KINDS} (or a FrameIndex object), got {kind!r}")
+        if dim < 1:
+            raise InputError(f"index dimension must be positive, got {dim}")
+        unknown = set(options) - {"m", "ef_construction", "ef_search"}
+        if unknown:
+            raise InputError(f"unknown index options {sorted(unknown)}; expected m, ef_construction, ef_search")
+        self.kind, self.dim = kind, dim
+        self.options = {"m": 32, "ef_construction": 200, "ef_search": 128, **options} if kind == "hnsw" else {}
+        self.supports_remove = kind == "flat"
+        if index is None:
+            if kind == "flat":
+                inner = faiss.IndexFlatIP(dim)
+            else:
+                inner = faiss.IndexHNSWFlat(dim, int(self.options["m"]), faiss.METRIC_INNER_PRODUCT)
+                inner.hnsw.efConstruction = int(self.options["ef_construction"])
+            index = faiss.IndexIDMap2(inner)
+        self._index = index
+
+    @property
+    def ntotal(self) -> int:
+        return int(self._index.ntotal)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids):
+            self._index.add_with_ids(vectors, ids)
+
+    def remove(self, ids: np.ndarray) -> None:
+        if not self.supports_remove:
+            raise NotImplementedError(f"a {self.kind} index cannot remove vectors; rebuild it")
+        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids):
+            self._index.remove_ids(ids)
+
+    def search(
+        self, vectors: np.ndarray, k: int, *, allowed_ids: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        import faiss
+
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        params = None
+        if self.kind == "hnsw":
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = max(int(self.options["ef_search"]), k)
+        if allowed_ids is not None:
+            selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64))
+            params = params or faiss.SearchParameters()
+            params.sel = selector
+        if params is None:
+            return self._index.search(vectors, k)
+        return self._index.search(vectors, k, params=params)
+
+    def ids(self) -> np.ndarray:
+        import faiss
+
+        return faiss.vector_to_array(self._index.id_map).astype(np.int64)
+
+    def save(self, path: Path) -> None:
+        """Write the index to ``path`` (the caller renames it into place)."""
+        import faiss
+
+        faiss.write_index(self._index, os.fspath(path))
+
+    @classmethod
+    def load(cls, path: Path, kind: str, dim: int, **options: Any) -> FaissFrameIndex:
+        """Read an index written by :meth:`save`; LibraryError when it is not one of ours."""
+        import faiss
+
+        try:
+            index = faiss.read_index(os.fspath(path))
+        except Exception as exc:  # faiss raises RuntimeError for any damage
+            raise LibraryError(f"cannot read frame index {path}: {exc}") from exc
+        if not isinstance(index, faiss.IndexIDMap2) or index.d != dim:
+            raise LibraryError(f"frame index {path} is not an id-mapped index of dimension {dim}")
+        inner = faiss.downcast_index(index.index)  # read_index already gives the outer type
+        expected = faiss.IndexFlatIP if kind == "flat" else faiss.IndexHNSWFlat
+        if not isinstance(inner, expected):
+            raise LibraryError(f"frame index {path} holds a {type(inner).__name__}, expected a {kind} index")
+        return cls(kind, dim, index=index, **options)
+
+
+def make_frame_index(kind: str, dim: int, **options: Any) -> FaissFrameIndex:
+    """A new, empty FAISS frame index: ``"flat"`` (exact) or ``"hnsw"`` (approximate)."""
+    return FaissFrameIndex(kind, dim, **options)
+
+
+# -- the library -----------------------------------------------------------------------------
+
+
+class _LockTimeout(LibraryError):
+    """Another process held the library's write lock for longer than ``lock_timeout``."""
+
+
+@dataclass
+class _Features:
+    pooled: np.ndarray  # (T, D) float32, L2-normalised
+    indices: np.ndarray  # (T,) int64
+    timestamps: np.ndarray  # (T,) float64
+    info: dict[str, Any]
+    partial: bool
+    from_cache: bool
+
+
+class VideoLibrary:
+    """A searchable library of videos: per-frame CLIP guide embeddings in a frame index.
+
+    Args:
+        path: the library folder (created if missing); None: :func:`default_library_dir`.
+        guide: the :class:`~freevllm_tools.guide.ClipGuide` that embeds frames and queries;
+            None loads the default one (``ClipGuide.from_pretrained()``) when first needed.
+            A library stays with the guide it was built with (its ``identity``).
+        cache: the :class:`~freevllm_tools.cache.FeatureCache` shared with ``ask`` (None: the
+            default cache; False: none). Embeddings found there are not recomputed.
+        num_frames, frames_per_second, max_frames: sampling (see the module docstring);
+            defaults 50, 0.5 and 120. Stored with the library and reused when reopened.
+        index: ``"flat"`` (exact, the default) or ``"hnsw"`` (approximate, for large libraries),
+            or a :class:`FrameIndex` object (e.g. a vector database client). Stored.
+        index_options: HNSW ``m``, ``ef_construction``, ``ef_search``.
+        merge_gap: seconds between two hits of one video that still merge into one moment
+            (hits consecutive in the sampled frames always merge).
+        lock_timeout: seconds a writer waits for another process's write to finish.
+
+    ``repairs`` lists what opening had to fix in the frame index.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        guide: ClipGuide | None = None,
+        *,
+        cache: FeatureCache | None | bool = None,
+        num_frames: int | None = None,
+        frames_per_second: float | None | bool = None,
+        max_frames: int | None = None,
+        index: str | FrameIndex | None = None,
+        index_options: dict[str, Any] | None = None,
+        merge_gap: float = 0.0,
+        lock_timeout: float = 600.0,
+    ) -> None:
+        import filelock
+
+        self.path = Path(path).expanduser() if path is not None else default_library_dir()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise LibraryError(f"cannot create the library folder {self.path}: {exc}") from exc
+        self._guide = guide
+        if cache is None or cache is True:
+            cache = FeatureCache()
+        self.cache: FeatureCache | None = cache or None
+        if merge_gap < 0:
+            raise InputError(f"merge_gap must be >= 0 seconds, got {merge_gap}")
+        self.merge_gap = float(merge_gap)
+        self.repairs: list[IndexRepair] = []
+        self._mutex = threading.RLock()
+        self._file_lock = filelock.FileLock(os.fspath(self.path / _LOCK), timeout=lock_timeout)
+        self._lock_timeout = lock_timeout
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        self._index: FrameIndex | None = None
+        self._custom_index = index is not None and not isinstance(index, str)
+        self._generation = -1
+        self._dirty = False
+        self._last_save = time.monotonic()
+        self._setup(num_frames, frames_per_second, max_frames, index, index_options)
+        self._open_index()
+
+    # -- settings --------------------------------------------------------------------------
+
+    def _setup(self, num_frames, frames_per_second, max_frames, index, index_options) -> None:
+        stored = self._meta_all()
+        sampling = json.loads(stored.get("sampling", "null")) or {
+            "num_frames": 50, "frames_per_second": 0.5, "max_frames": 120,
+        }
+        if num_frames is not None:
+            sampling["num_frames"] = num_frames
+        if frames_per_second is not None:
+            sampling["frames_per_second"] = frames_per_second or None
+        if max_frames is not None:
+            sampling["max_frames"] = max_frames
+        n, fps, cap = sampling["num_frames"], sampling["frames_per_second"], sampling["max_frames"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InputError(f"num_frames must be a positive integer, got {n!r}")
+        if fps is not None and not (isinstance(fps, (int, float)) and fps > 0):
+            raise InputError(f"frames_per_second must be positive or None, got {fps!r}")
+        if isinstance(cap, bool) or not isinstance(cap, int) or cap < n:
+            raise InputError(f"max_frames must be an integer >= num_frames ({n}), got {cap!r}")
+        self.sampling = sampling
+        kind = stored.get("index_kind", "flat")
+        options = json.loads(stored.get("index_options", "{}"))
+        if isinstance(index, str):
+            if index not in _INDEX_KINDS:
+                raise InputError(f"index must be one of {_INDEX_KINDS} or a FrameIndex object, got {index!r}")
+            if index != kind:
+                options = {}
+            kind = index
+        elif index is not None:
+            if not isinstance(index, FrameIndex):
+                raise InputError(f"index must be 'flat', 'hnsw' or a FrameIndex object, got {type(index).__name__}")
+            kind = index.kind
+        if index_options:
+            options = {**options, **index_options}
+        self.index_kind, self.index_options = kind, options
+        wanted = {"schema": str(_SCHEMA_VERSION), "sampling": json.dumps(sampling)}
+        if not self._custom_index:
+            FaissFrameIndex(kind, 1, **options)  # validates the options now, not at the first add
+            wanted.update(index_kind=kind, index_options=json.dumps(options))
+        else:  # the stored FAISS settings stay for when the library is opened without it
+            self._index = index  # type: ignore[assignment]
+        if any(stored.get(key) != value for key, value in wanted.items()) or "generation" not in stored:
+            with self._write_lock(), self._transaction() as conn:
+                for key, value in wanted.items():
+                    conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+                conn.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
+
+    def frames_for(self, duration: float) -> int:
+        """How many frames this library samples from a video of ``duration`` seconds."""
+        n, fps, cap = (self.sampling[k] for k in ("num_frames", "frames_per_second", "max_frames"))
+        if not fps or not math.isfinite(duration) or duration <= 0:
+            return n
+        return int(min(cap, max(n, math.ceil(duration * fps))))
+
+    @property
+    def guide(self) -> ClipGuide:
+        """The guide; the default one is loaded on first use."""
+        if self._guide is None:
+            from .guide import ClipGuide
+
+            self._guide = ClipGuide.from_pretrained()
+        return self._guide
+
+    @property
+    def guide_identity(self) -> str | None:
+        """The identity of the guide the library's embeddings come from (None while empty)."""
+        return self._meta("guide_identity")
+
+    @property
+    def dim(self) -> int | None:
+        value = self._meta("dim")
+        return None if value is None else int(value)
+
+    # -- database --------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        db = self.path / _DB_NAME
+        try:
+            conn = sqlite3.connect(db, timeout=60.0, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout = 60000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _SCHEMA:
+                    conn.execute(statement)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            row = conn.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        except sqlite3.Error as exc:
+            raise LibraryError(f"cannot open the library database {db}: {exc}") from exc
+        if row is not None and int(row[0]) > _SCHEMA_VERSION:
+            conn.close()
+            raise LibraryError(
+                f"library {self.path} has schema {row[0]}; this freevllm-tools understands "
+                f"{_SCHEMA_VERSION}: upgrade it"
+            )
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: every query inside sees one state of the database."""
+        conn = self._connect()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def _meta(self, key: str) -> str | None:
+        row = self._connect().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def _meta_all(self) -> dict[str, str]:
+        return dict(self._connect().execute("SELECT key, value FROM meta").fetchall())
+
+    def _db_generation(self, conn: sqlite3.Connection | None = None) -> int:
+        row = (conn or self._connect()).execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()
+        return int(row[0]) if row else 0
+
+    @contextlib.contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        import filelock
+
+        with self._mutex:
+            try:
+                with self._file_lock:
+                    yield
+            except filelock.Timeout as exc:
+                raise _LockTimeout(
+                    f"library {self.path} is being written by another process and stayed locked "
+                    f"for {self._lock_timeout:.0f} s; retry later (lock file {self.path / _LOCK})"
+                ) from exc
+
+    def close(self) -> None:
+        """Save a pending index and close the database."""
+        with self._mutex:
+            if self._dirty and self._conn is not None:
+                with contextlib.suppress(FreeVideoError), self._write_lock():
+                    self._sync()
+                    self._save_index()
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> VideoLibrary:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"VideoLibrary({str(self.path)!r}, videos={len(self)}, frames={self.num_frames})"
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return int(self._connect().execute("SELECT COUNT(*) FROM videos").fetchone()[0])
+
+    @property
+    def num_frames(self) -> int:
+        """Frames in the library."""
+        return int(self._connect().execute("SELECT COUNT(*) FROM frames").fetchone()[0])
+
+    def videos(self) -> list[VideoRecord]:
+        """Every indexed video, by id."""
+        rows = self._connect().execute(f"SELECT {_VIDEO_COLUMNS} FROM videos ORDER BY id").fetchall()
+        return [_record(row) for row in rows]
+
+    def video(self, ref: int | str | os.PathLike[str] | VideoRecord) -> VideoRecord | None:
+        """The video with this id or path, or None."""
+        if isinstance(ref, VideoRecord):
+            ref = ref.id
+        if isinstance(ref, (int, np.integer)) and not isinstance(ref, bool):
+            row = self._connect().execute(
+                f"SELECT {_VIDEO_COLUMNS} FROM videos WHERE id = ?", (int(ref),)
+            ).fetchone()
+        elif isinstance(ref, (str, os.PathLike)):
+            row = self._connect().execute(
+                f"SELECT {_VIDEO_COLUMNS} FROM videos WHERE path = ?", (os.path.realpath(os.fspath(ref)),)
+            ).fetchone()
+        else:
+            raise InputError(f"a video is named by its id, its path or its record, got {type(ref).__name__}")
+        return None if row is None else _record(row)
+
+    def __contains__(self, ref: object) -> bool:
+        try:
+            return self.video(ref) is not None  # type: ignore[arg-type]
+        except InputError:
+            return False
+
+    # -- adding ----------------------------------------------------------------------------
+
+    def add(
+        self,
+        paths_or_folder: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+        recursive: bool = True,
+        progress: bool = True,
+    ) -> AddReport:
+        """Index videos: files, folders (their video files, ``recursive``ly), or a list of both.
+
+        Unchanged files are skipped without being read; changed ones are re-indexed (same
+        video id, new frame ids); a file that fails is reported in ``AddReport.failed`` and the
+        others go on. Each video is committed on its own, so an interrupted ``add`` keeps the
+        videos it finished.
+        """
+        report = AddReport()
+        files = self._collect(paths_or_folder, recursive, report)
+        if files:
+            self._check_guide()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(files, desc="indexing", unit="video", disable=not progress)
+        try:
+            for file in bar:
+                bar.set_postfix_str(os.path.basename(file)[-40:], refresh=False)
+                try:
+                    self._add_one(file, report)
+                except _LockTimeout:
+                    raise
+                except FreeVideoError as exc:
+                    report.failed.append((file, str(exc)))
+                except Exception as exc:  # noqa: BLE001 - carry on with the other files
+                    logger.debug("indexing %s failed", file, exc_info=True)
+                    report.failed.append((file, f"{type(exc).__name__}: {exc}"))
+        finally:
+            bar.close()
+            if self._dirty:
+                with self._write_lock():
+                    self._sync()
+                    self._save_index()
+        return report
+
+    def _collect(self, source: Any, recursive: bool, report: AddReport) -> list[str]:
+        items = [source] if isinstance(source, (str, os.PathLike)) else list(source)
+        files: list[str] = []
+        seen: set[str] = set()
+        for item in items:
+            if not isinstance(item, (str, os.PathLike)):
+                raise InputError(f"add() takes paths (str or PathLike), got {type(item).__name__}")
+            path = Path(os.fspath(item)).expanduser()
+            if path.is_dir():
+                walker = path.rglob("*") if recursive else path.glob("*")
+                found = sorted(
+                    p for p in walker
+                    if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()
+                    and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                )
+            elif path.exists():
+                found = [path]
+            else:
+                report.failed.append((os.fspath(item), "no such file or folder"))
+                continue
+            for p in found:
+                real = os.path.realpath(p)
+                if real not in seen:
+                    seen.add(real)
+                    files.append(real)
+        return files
+
+    def _add_one(self, real: str, report: AddReport) -> None:
+        st = os.stat(real)
+        stamp = (st.st_size, st.st_mtime_ns, st.st_ino)
+        identity = self.guide.identity
+        row = self._row_by_path(real)
+        if row is not None and self._unchanged(row, stamp, identity):
+            report.skipped.append(real)
+            return
+        content_key = self.cache.video_key(real) if self.cache is not None else hash_file(real)
+        if row is not None and row["content_key"] == content_key and self._current(row, identity):
+            with self._write_lock(), self._transaction() as conn:  # touched, not changed
+                conn.execute(
+                    "UPDATE videos SET size_bytes = ?, mtime_ns = ?, inode = ? WHERE id = ?", (*stamp, row["id"])
+                )
+            report.skipped.append(real)
+            return
+        if row is None and self._try_move(real, content_key, stamp, identity, report):
+            return
+        features = self._features(real, content_key, identity)
+        with self._write_lock():
+            self._sync()
+            row = self._row_by_path(real)  # another process may have indexed it meanwhile
+            if row is not None and row["content_key"] == content_key and self._current(row, identity):
+                report.skipped.append(real)
+                return
+            new_ids, old_ids = self._commit_video(real, content_key, stamp, identity, features, row)
+            self._apply_to_index(new_ids, old_ids, features.pooled)
+            if self._save_due():
+                self._save_index()
+        (report.updated if row is not None else report.added).append(real)
+        report.frames_added += len(new_ids)
+        report.cache_hits += int(features.from_cache)
+        if features.partial:
+            report.warnings.append(
+                (real, f"decoding stopped early: {len(new_ids)} frames indexed; the file may be damaged")
+            )
+
+    def _unchanged(self, row: dict[str, Any], stamp: tuple[int, int, int], identity: str) -> bool:
+        return (row["size_bytes"], row["mtime_ns"], row["inode"]) == stamp and self._current(row, identity)
+
+    def _current(self, row: dict[str, Any], identity: str) -> bool:
+        return row["guide_identity"] == identity and row["requested_frames"] == self.frames_for(row["duration"])
+
+    def _row_by_path(self, real: str) -> dict[str, Any] | None:
+        cursor = self._connect().execute("SELECT * FROM videos WHERE path = ?", (real,))
+        row = cursor.fetchone()
+        return None if row is None else dict(zip([d[0] for d in cursor.description], row))
+
+    def _try_move(
+        self, real: str, content_key: str, stamp: tuple[int, int, int], identity: str, report: AddReport
+    ) -> bool:
+        """An indexed file whose old path is gone, found under ``real``: keep its ids, fix its path."""
+        with self._write_lock():
+            self._sync()
+            for video_id, old_path, gid, requested, duration in self._connect().execute(
+                "SELECT id, path, guide_identity, requested_frames, duration FROM videos WHERE content_key = ?",
+                (content_key,),
+            ).fetchall():
+                if os.path.exists(old_path) or gid != identity or requested != self.frames_for(duration):
+                    continue
+                if self._row_by_path(real) is not None:
+                    return False
+                with self._transaction() as conn:
+                    conn.execute(
+                        "UPDATE videos SET path = ?, size_bytes = ?, mtime_ns = ?, inode = ? WHERE id = ?",
+                        (real, *stamp, video_id),
+                    )
+                    self._bump_generation(conn)
+                self._generation += 1  # nothing in the index changed
+                report.moved.append((old_path, real))
+                return True
+        return False
+
+    def _features(self, real: str, content_key: str, identity: str) -> _Features:
+        """The video's pooled guide embeddings: from the library, the cache, or a decode + encode."""
+        known = self._known_features(content_key, identity)
+        if known is not None:
+            return known
+        from .video import probe, read_frames
+
+        info = None
+        if self.sampling["frames_per_second"]:
+            info = probe(real)  # the frame count depends on the duration
+            count = self.frames_for(float(info.duration))
+        else:
+            count = self.frames_for(0.0)
+        name = feature_name(GUIDE_POOLED, identity, frames=count)
+        if self.cache is not None:
+            entry = self.cache.get(content_key, name)
+            if entry is not None and {"pooled", "indices", "timestamps"} <= set(entry.names):
+                meta = entry.meta
+                return _Features(
+                    _normalise(entry.array("pooled")),
+                    entry.array("indices").astype(np.int64),
+                    entry.array("timestamps").astype(np.float64),
+                    dict(meta.get("info") or jsonable(info or probe(real))),
+                    bool(meta.get("partial", False)),
+                    True,
+                )
+        frames = read_frames(real, count)
+        pooled_np = _normalise(_as_numpy(self.guide.encode_frames(frames.images).pooled))
+        indices = np.asarray(frames.indices, dtype=np.int64)
+        timestamps = np.asarray(frames.timestamps, dtype=np.float64)
+        info_json = jsonable(frames.info)
+        if self.cache is not None:
+            self.cache.put(
+                content_key, name,
+                {"pooled": pooled_np, "indices": indices, "timestamps": timestamps},
+                meta={"info": info_json, "partial": bool(frames.partial)},
+                persistent=True,
+            )
+        return _Features(pooled_np, indices, timestamps, info_json, bool(frames.partial), False)
+
+    def _known_features(self, content_key: str, identity: str) -> _Features | None:
+        """Embeddings of the same content already in the library (a copy under another name)."""
+        conn = self._connect()
+        for video_id, requested, duration, info, partial in conn.execute(
+            "SELECT id, requested_frames, duration, info, partial FROM videos "
+            "WHERE content_key = ? AND guide_identity = ?",
+            (content_key, identity),
+        ).fetchall():
+            if requested != self.frames_for(duration):
+                continue
+            rows = conn.execute(
+                "SELECT frame_index, timestamp, embedding FROM frames WHERE video_id = ? ORDER BY position",
+                (video_id,),
+            ).fetchall()
+            if not rows:
+                continue
+            pooled = np.stack([np.frombuffer(r[2], dtype=np.float32) for r in rows])
+            return _Features(
+                pooled,
+                np.array([r[0] for r in rows], dtype=np.int64),
+                np.array([r[1] for r in rows], dtype=np.float64),
+                json.loads(info),
+                bool(partial),
+                True,
+            )
+        return None
+
+    def _commit_video(
+        self,
+        real: str,
+        content_key: str,
+        stamp: tuple[int, int, int],
+        identity: str,
+        features: _Features,
+        row: dict[str, Any] | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """One transaction: the video row and all its frames (old frames of the path replaced)."""
+        pooled = np.ascontiguousarray(features.pooled, dtype=np.float32)
+        dim = int(pooled.shape[1])
+        info = features.info
+        fps = _as_float(info.get("fps", 0.0))
+        duration = float(info.get("duration", 0.0))
+        values = (
+            content_key, *stamp, identity, self.frames_for(duration), len(pooled),
+            int(info.get("num_frames", 0)), fps, duration, int(info.get("width", 0)),
+            int(info.get("height", 0)), json.dumps(info), int(features.partial), time.time(),
+        )
+        with self._transaction() as conn:
+            self._check_identity(conn, identity, dim)
+            old_ids = np.zeros(0, dtype=np.int64)
+            if row is not None:
+                video_id = int(row["id"])
+                old_ids = np.array(
+                    [r[0] for r in conn.execute("SELECT id FROM frames WHERE video_id = ?", (video_id,))],
+                    dtype=np.int64,
+                )
+                conn.execute("DELETE FROM frames WHERE video_id = ?", (video_id,))
+                conn.execute(
+                    "UPDATE videos SET content_key = ?, size_bytes = ?, mtime_ns = ?, inode = ?, "
+                    "guide_identity = ?, requested_frames = ?, indexed_frames = ?, num_frames = ?, fps = ?, "
+                    "duration = ?, width = ?, height = ?, info = ?, partial = ?, added_at = ? WHERE id = ?",
+                    (*values, video_id),
+                )
+            else:
+                video_id = int(
+                    conn.execute(
+                        "INSERT INTO videos (path, content_key, size_bytes, mtime_ns, inode, guide_identity, "
+                        "requested_frames, indexed_frames, num_frames, fps, duration, width, height, info, "
+                        "partial, added_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (real, *values),
+                    ).lastrowid
+                )
+            new_ids = self._insert_frames(conn, video_id, features, pooled)
+            self._bump_generation(conn)
+        return new_ids, old_ids
+
+    def _insert_frames(
+        self, conn: sqlite3.Connection, video_id: int, features: _Features, pooled: np.ndarray
+    ) -> np.ndarray:
+        ids = []
+        for position in range(len(pooled)):
+            cursor = conn.execute(
+                "INSERT INTO frames (video_id, position, frame_index, timestamp, embedding) VALUES (?, ?, ?, ?, ?)",
+                (video_id, position, int(features.indices[position]), float(features.timestamps[position]),
+                 pooled[position].tobytes()),
+            )
+            ids.append(cursor.lastrowid)
+        return np.asarray(ids, dtype=np.int64)
+
+    def _check_identity(self, conn: sqlite3.Connection, identity: str, dim: int) -> None:
+        rows = dict(conn.execute("SELECT key, value FROM meta WHERE key IN ('guide_identity', 'dim')").fetchall())
+        if "guide_identity" not in rows:
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('guide_identity', ?)", (identity,))
+            conn.execute("INSERT OR REPLACE INTO meta VALUES ('dim', ?)", (str(dim),))
+            return
+        if rows["guide_identity"] != identity or int(rows["dim"]) != dim:
+            raise LibraryError(
+                f"library {self.path} holds embeddings of guide {rows['guide_identity']!r} "
+                f"(dimension {rows['dim']}); this guide is {identity!r} (dimension {dim}). "
+                "Open the library with the guide it was built with, or index into a new library folder"
+            )
+
+    def _bump_generation(self, conn: sqlite3.Connection) -> int:
+        generation = self._db_generation(conn) + 1
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (str(generation),))
+        return generation
+
+    # -- removing --------------------------------------------------------------------------
+
+    def remove(
+        self, videos: int | str | os.PathLike[str] | VideoRecord | Iterable[int | str | os.PathLike[str] | VideoRecord]
+    ) -> list[VideoRecord]:
+        """Remove videos (by id, path or record) and their frames; returns the removed records.
+
+        Raises LibraryError, removing nothing, when one of them is not in the library.
+        """
+        refs = [videos] if isinstance(videos, (int, str, os.PathLike, VideoRecord, np.integer)) else list(videos)
+        with self._write_lock():
+            self._sync()
+            records = []
+            for ref in refs:
+                record = self.video(ref)
+                if record is None:
+                    raise LibraryError(f"no video {ref!r} in library {self.path}; see videos() for what it holds")
+                records.append(record)
+            ids = sorted({r.id for r in records})
+            with self._transaction() as conn:
+                frame_ids = np.array(
+                    [r[0] for chunk in _chunks(ids) for r in conn.execute(
+                        f"SELECT id FROM frames WHERE video_id IN ({_marks(chunk)})", chunk)],
+                    dtype=np.int64,
+                )
+                for chunk in _chunks(ids):
+                    conn.execute(f"DELETE FROM frames WHERE video_id IN ({_marks(chunk)})", chunk)
+                    conn.execute(f"DELETE FROM videos WHERE id IN ({_marks(chunk)})", chunk)
+                self._bump_generation(conn)
+            self._apply_to_index(np.zeros(0, dtype=np.int64), frame_ids, None)
+            self._save_index()
+        return list({r.id: r for r in records}.values())
+
+    def prune(self) -> list[VideoRecord]:
+        """Remove the videos whose files no longer exist; returns them."""
+        gone = [r for r in self.videos() if not os.path.exists(r.path)]
+        return self.remove(gone) if gone else []
+
+    # -- searching -------------------------------------------------------------------------
+
+    def search(
+        self,
+        text: str,
+        k: int = 5,
+        videos: Iterable[int | str | os.PathLike[str] | VideoRecord] | None = None,
+        *,
+        min_score: float | None = None,
+    ) -> list[Moment]:
+        """The ``k`` moments that best match ``text``, best first.
+
+        ``videos`` restricts the search to some videos (ids, paths or records);
+        ``min_score`` drops frames scoring below it (cosine similarity).
+        """
+        if not isinstance(text, str) or not text.strip():
+            raise InputError(f"search text must be a non-empty string, got {text!r}")
+        _check_k(k)
+        if self.num_frames == 0:
+            return []
+        self._check_guide()
+        query = _as_numpy(self.guide.encode_text([text.strip()]))[0]
+        return self.search_vector(query, k, videos, min_score=min_score)
+
+    def search_vector(
+        self,
+        vector: Any,
+        k: int = 5,
+        videos: Iterable[int | str | os.PathLike[str] | VideoRecord] | None = None,
+        *,
+        min_score: float | None = None,
+    ) -> list[Moment]:
+        """:meth:`search` with a query embedding ``(D,)`` instead of a text (normalised here)."""
+        _check_k(k)
+        query = _as_numpy(vector).reshape(-1)
+        with self._mutex:
+            self._sync()
+            if self._index is None or self._index.ntotal == 0:
+                return []
+            if query.shape[0] != self._index.dim:
+                raise InputError(f"query vector has {query.shape[0]} dimensions; the library's have {self._index.dim}")
+            norm = float(np.linalg.norm(query))
+            if not math.isfinite(norm) or norm == 0.0:
+                raise InputError("query vector is zero or not finite")
+            query = query / norm
+            allowed = None
+            if videos is not None:
+                allowed = self._frame_ids_of(videos)
+                if len(allowed) == 0:
+                    return []
+            available = int(self._index.ntotal if allowed is None else len(allowed))
+            fetch = min(available, 3 * k)
+            while True:
+                scores, ids = self._index.search(query[None, :], fetch, allowed_ids=allowed)
+                keep = ids[0] >= 0
+                if min_score is not None:
+                    keep &= scores[0] >= min_score
+                moments = self._moments(ids[0][keep], scores[0][keep])
+                if len(moments) >= k or fetch >= available or (min_score is not None and not keep.all()):
+                    return moments[:k]
+                fetch = min(available, fetch * 2)
+
+    def _check_guide(self) -> None:
+        identity = self.guide_identity
+        if identity is not None and identity != self.guide.identity:
+            raise LibraryError(
+                f"library {self.path} was built with guide {identity!r}, but this guide is "
+                f"{self.guide.identity!r}: their embeddings do not match. Open the library with "
+                "the guide it was built with, or use a new library folder for this guide"
+            )
+
+    def _frame_ids_of(self, videos: Iterable[Any]) -> np.ndarray:
+        if isinstance(videos, (int, str, os.PathLike, VideoRecord)):
+            videos = [videos]
+        ids = []
+        for ref in videos:
+            record = self.video(ref)
+            if record is None:
+                raise LibraryError(f"no video {ref!r} in library {self.path}; see videos() for what it holds")
+            ids.append(record.id)
+        conn = self._connect()
+        return np.array(
+            [r[0] for chunk in _chunks(sorted(set(ids))) for r in conn.execute(
+                f"SELECT id FROM frames WHERE video_id IN ({_marks(chunk)})", chunk)],
+            dtype=np.int64,
+        )
+
+    def _moments(self, ids: np.ndarray, scores: np.ndarray) -> list[Moment]:
+        """Merge frame hits into moments: per video, runs of hits adjacent in the sampled frames."""
+        if len(ids) == 0:
+            return []
+        score_of = {int(i): float(s) for i, s in zip(ids, scores)}
+        with self._snapshot() as conn:
+            hits: dict[int, list[tuple[int, int, int, float]]] = {}
+            for chunk in _chunks([int(i) for i in ids]):
+                for frame_id, video_id, position, frame_index, timestamp in conn.execute(
+                    f"SELECT id, video_id, position, frame_index, timestamp FROM frames WHERE id IN ({_marks(chunk)})",
+                    chunk,
+                ):
+                    hits.setdefault(video_id, []).append((position, frame_id, frame_index, timestamp))
+            videos = {}
+            timelines = {}
+            for video_id in hits:
+                videos[video_id] = conn.execute(
+                    "SELECT path, duration FROM videos WHERE id = ?", (video_id,)
+                ).fetchone()
+                timelines[video_id] = np.array(
+                    [r[0] for r in conn.execute(
+                        "SELECT timestamp FROM frames WHERE video_id = ? ORDER BY position", (video_id,))],
+                    dtype=np.float64,
+                )
+        moments = []
+        for video_id, frames in hits.items():
+            if videos[video_id] is None:
+                continue  # removed meanwhile
+            path, duration = videos[video_id]
+            times = timelines[video_id]
+            frames.sort()
+            run: list[tuple[int, int, int, float]] = []
+            for frame in frames:
+                if run and not (frame[0] - run[-1][0] <= 1 or frame[3] - run[-1][3] <= self.merge_gap):
+                    moments.append(_moment(video_id, path, duration, times, run, score_of))
+                    run = []
+                run.append(frame)
+            moments.append(_moment(video_id, path, duration, times, run, score_of))
+        moments.sort(key=lambda m: (-m.score, m.video_id, m.start))
+        return moments
+
+    # -- the index: load, reconcile, save --------------------------------------------------
+
+    def _open_index(self) -> None:
+        with self._mutex:
+            if self._custom_index:
+                self._generation = -1
+                self._reconcile(report_as="opened with an external index")
+                return
+            manifest_path = self.path / _MANIFEST
+            dim = self.dim
+            reason = None
+            if dim is None:
+                self._index, self._generation = None, -1
+                if self.num_frames:
+                    reason = "the database has frames but no recorded dimension"
+            elif not manifest_path.exists():
+                reason = "no index file" if self.num_frames else None
+                self._index, self._generation = make_frame_index(self.index_kind, dim, **self.index_options), -1
+            else:
+                try:
+                    self._index, self._generation = self._load_index(manifest_path, dim)
+                except LibraryError as exc:
+                    reason = str(exc)
+                    self._index, self._generation = None, -1
+            if reason is not None:
+                self._rebuild(reason, report=True)
+            elif self._index is not None and self._generation != self._db_generation():
+                self._reconcile(report_as="the index file is behind the database")
+            if self.repairs and self._file_lock_free():
+                try:
+                    self._sync()
+                    self._save_index()
+                finally:
+                    self._file_lock.release()
+
+    def _file_lock_free(self) -> bool:
+        import filelock
+
+        try:
+            self._file_lock.acquire(timeout=0)
+            return True
+        except filelock.Timeout:
+            return False
+
+    def _load_index(self, manifest_path: Path, dim: int) -> tuple[FrameIndex, int]:
+        try:
+            manifest = json.loads(manifest_path.read_text("utf-8"))
+            file = self.path / manifest["file"]
+            if os.path.basename(manifest["file"]) != manifest["file"]:
+                raise LibraryError(f"manifest names a file outside the library: {manifest['file']!r}")
+            expected = {
+                "kind": self.index_kind, "dim": dim, "identity": self.guide_identity,
+                "options": self.index_options,
+            }
+            for key, value in expected.items():
+                if manifest.get(key) != value:
+                    raise LibraryError(f"index {key} is {manifest.get(key)!r}, the library's is {value!r}")
+            if not file.exists():
+                raise LibraryError(f"index file {file.name} is missing")
+            if hash_file(file) != manifest["checksum"]:
+                raise LibraryError(f"index file {file.name} does not match its checksum (damaged or truncated)")
+            index = FaissFrameIndex.load(file, self.index_kind, dim, **self.index_options)
+            if index.ntotal != manifest["count"]:
+                raise LibraryError(f"index holds {index.ntotal} vectors, its manifest says {manifest['count']}")
+            return index, int(manifest["generation"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LibraryError(f"index manifest unreadable: {exc}") from exc
+
+    def _sync(self) -> None:
+        """Bring the in-memory index up to the database's state (another process may have written)."""
+        if self._generation != self._db_generation():
+            self._reconcile()
+
+    def _reconcile(self, report_as: str | None = None) -> None:
+        """Make the index hold exactly the database's frames: add the missing, drop the extra."""
+        dim = self.dim
+        if dim is None:
+            self._generation = self._db_generation()
+            return
+        if self._index is None:
+            self._rebuild(report_as or "no index in memory", report=report_as is not None)
+            return
+        with self._snapshot() as conn:
+            generation = self._db_generation(conn)
+            db_ids = np.fromiter((r[0] for r in conn.execute("SELECT id FROM frames")), dtype=np.int64)
+            index_ids = self._index.ids()
+            missing = np.setdiff1d(db_ids, index_ids, assume_unique=True)
+            extra = np.setdiff1d(index_ids, db_ids, assume_unique=True)
+            if len(extra) and not self._index.supports_remove:
+                vectors = None
+            else:
+                vectors = self._embeddings(conn, missing, dim)
+        if vectors is None:
+            self._rebuild(report_as or "vectors to remove from an index that cannot remove", report=report_as is not None)
+            return
+        if len(extra):
+            self._index.remove(extra)
+        self._index.add(missing, vectors)
+        self._generation = generation
+        if len(missing) or len(extra):
+            self._dirty = True
+            if report_as is not None:
+                self._note(IndexRepair(
+                    f"{report_as}: {len(missing)} vectors missing, {len(extra)} stale", "caught up",
+                    self._index.ntotal,
+                ))
+
+    def _rebuild(self, reason: str, *, report: bool) -> None:
+        dim = self.dim
+        if dim is None:
+            self._index, self._generation = None, self._db_generation()
+            return
+        index: FrameIndex = (
+            make_frame_index(self.index_kind, dim, **self.index_options)
+            if not self._custom_index
+            else self._index  # type: ignore[assignment]
+        )
+        if self._custom_index and index.ntotal:
+            index.remove(index.ids())
+        with self._snapshot() as conn:
+            generation = self._db_generation(conn)
+            batch_ids, batch = [], []
+            for frame_id, blob in conn.execute("SELECT id, embedding FROM frames ORDER BY id"):
+                batch_ids.append(frame_id)
+                batch.append(np.frombuffer(blob, dtype=np.float32))
+                if len(batch) == 65536:
+                    index.add(np.asarray(batch_ids, dtype=np.int64), np.stack(batch))
+                    batch_ids, batch = [], []
+            if batch:
+                index.add(np.asarray(batch_ids, dtype=np.int64), np.stack(batch))
+        self._index, self._generation, self._dirty = index, generation, True
+        if report:
+            self._note(IndexRepair(reason, "rebuilt", index.ntotal))
+
+    def _note(self, repair: IndexRepair) -> None:
+        self.repairs.append(repair)
+        logger.warning("library %s: frame index %s (%s); %d vectors", self.path, repair.action, repair.reason, repair.vectors)
+
+    @staticmethod
+    def _embeddings(conn: sqlite3.Connection, ids: np.ndarray, dim: int) -> np.ndarray:
+        vectors = np.zeros((len(ids), dim), dtype=np.float32)
+        where = {int(i): n for n, i in enumerate(ids)}
+        for chunk in _chunks([int(i) for i in ids]):
+            for frame_id, blob in conn.execute(
+                f"SELECT id, embedding FROM frames WHERE id IN ({_marks(chunk)})", chunk
+            ):
+                vectors[where[frame_id]] = np.frombuffer(blob, dtype=np.float32)
+        return vectors
+
+    def _apply_to_index(self, new_ids: np.ndarray, old_ids: np.ndarray, vectors: np.ndarray | None) -> None:
+        """After a commit: the same change in the in-memory index."""
+        if self._index is None and vectors is not None:
+            self._index = make_frame_index(self.index_kind, int(vectors.shape[1]), **self.index_options)
+        if self._index is None:
+            self._generation = self._db_generation()
+            return
+        if len(old_ids) and not self._index.supports_remove:
+            self._rebuild("re-indexed or removed videos in an index that cannot remove", report=False)
+            return
+        if len(old_ids):
+            self._index.remove(old_ids)
+        if vectors is not None:
+            self._index.add(new_ids, vectors)
+        self._generation = self._db_generation()
+        self._dirty = True
+
+    def _save_due(self) -> bool:
+        if self._index is None:
+            return False
+        small = self._index.ntotal * self._index.dim * 4 <= _SAVE_EACH_BELOW_BYTES
+        return small or time.monotonic() - self._last_save >= _SAVE_EVERY_S
+
+    def _save_index(self) -> None:
+        """Write the index and its manifest atomically (call with the write lock held)."""
+        if self._custom_index or self._index is None or not isinstance(self._index, FaissFrameIndex):
+            self._dirty = False
+            return
+        generation = self._generation
+        name = f"index-{generation}-{uuid.uuid4().hex[:8]}.faiss"
+        final = self.path / name
+        tmp = self.path / f".tmp-{name}"
+        try:
+            self._index.save(tmp)
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+            ids = self._index.ids()
+            manifest = {
+                "format": 1,
+                "file": name,
+                "kind": self.index_kind,
+                "options": self.index_options,
+                "dim": self._index.dim,
+                "count": self._index.ntotal,
+                "max_id": int(ids.max()) if len(ids) else 0,
+                "identity": self.guide_identity,
+                "generation": generation,
+                "checksum": hash_file(final),
+                "checksum_algorithm": "blake2b-160",
+                "saved_at": time.time(),
+            }
+            _atomic_write_text(self.path / _MANIFEST, json.dumps(manifest, indent=2))
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise LibraryError(f"cannot save the frame index of library {self.path}: {exc}") from exc
+        for old in self.path.glob("index-*.faiss"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        for old in self.path.glob(".tmp-*"):
+            if old != tmp:
+                old.unlink(missing_ok=True)
+        self._dirty = False
+        self._last_save = time.monotonic()
+
+    def check(self) -> dict[str, Any]:
+        """The index against the database: counts and whether they agree (for tests and ``inspect``)."""
+        with self._mutex:
+            self._sync()
+            db_ids = np.fromiter((r[0] for r in self._connect().execute("SELECT id FROM frames")), dtype=np.int64)
+            index_ids = self._index.ids() if self._index is not None else np.zeros(0, dtype=np.int64)
+            return {
+                "videos": len(self),
+                "frames": int(len(db_ids)),
+                "vectors": int(len(index_ids)),
+                "consistent": bool(np.array_equal(np.sort(db_ids), np.sort(index_ids))),
+                "index": self.index_kind,
+                "guide_identity": self.guide_identity,
+            }
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+_VIDEO_COLUMNS = (
+    "id, path, content_key, duration, num_frames, fps, width, height, indexed_frames, guide_identity, "
+    "partial, added_at"
+)
+
+
+def _record(row: Sequence[Any]) -> VideoRecord:
+    (vid, path, key, duration, frames, fps, width, height, indexed, identity, partial, added) = row
+    return VideoRecord(
+        int(vid), path, key, float(duration), int(frames), float(fps), int(width), int(height),
+        int(indexed), identity, bool(partial), float(added),
+    )
+
+
+def _moment(
+    video_id: int,
+    path: str,
+    duration: float,
+    times: np.ndarray,
+    run: list[tuple[int, int, int, float]],
+    score_of: dict[int, float],
+) -> Moment:
+    first, last = run[0][0], run[-1][0]
+    start = 0.0 if first == 0 else float((times[first - 1] + times[first]) / 2)
+    if last + 1 < len(times):
+        end = float((times[last] + times[last + 1]) / 2)
+    else:
+        end = max(float(duration), float(times[last]))
+    frame_scores = tuple(score_of[f[1]] for f in run)
+    return Moment(
+        video_id=int(video_id),
+        path=path,
+        start=start,
+        end=end,
+        score=max(frame_scores),
+        frame_indices=tuple(int(f[2]) for f in run),
+        timestamps=tuple(float(f[3]) for f in run),
+        frame_scores=frame_scores,
+        frame_ids=tuple(int(f[1]) for f in run),
+    )
+
+
+def _normalise(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) == 0:
+        raise LibraryError(f"guide embeddings must be (T, D) with T >= 1, got shape {vectors.shape}")
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.ascontiguousarray(vectors / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def _as_numpy(value: Any) -> np.ndarray:
+    """A torch tensor or array-like as a float32 NumPy array."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().float().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def _as_float(value: Any) -> float:
+    if isinstance(value, str) and "/" in value:
+        numerator, denominator = value.split("/", 1)
+        return float(numerator) / float(denominator)
+    return float(value)
+
+
+def _check_k(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise InputError(f"k must be a positive integer, got {k!r}")
+
+
+def _chunks(values: list[int]) -> Iterator[list[int]]:
+    for start in range(0, len(values), _SQL_CHUNK):
+        yield values[start : start + _SQL_CHUNK]
+
+
+def _marks(chunk: Sequence[Any]) -> str:
+    return ",".join("?" * len(chunk))
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if os.name == "posix":
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(max(0.0, seconds), 60.0)
+    hours, minutes = divmod(int(minutes), 60)
+    return f"{hours}:{minutes:02d}:{secs:04.1f}" if hours else f"{minutes}:{secs:04.1f}"
+
+
+def default_library_dir() -> Path:
+    """``FREEVLLM_LIBRARY`` when set, else ``library`` in the platform's user data directory."""
+    env = os.environ.get("FREEVLLM_LIBRARY")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("freevllm")) / "library"
+
+
+def format_moments(moments: Sequence[Moment], *, as_json: bool = False) -> str:
+    """Moments as a text table (video, start-end, score) or, with ``as_json``, a JSON list.
+
+    The table is what a CLI prints and what a tool returns to an LLM: it carries the times.
+    """
+    if as_json:
+        return json.dumps([m.to_dict() for m in moments], indent=2)
+    if not moments:
+        return "no matching moments"
+    names = [m.name for m in moments]
+    spans = [f"{_clock(m.start)}-{_clock(m.end)}" for m in moments]
+    width_name = max(5, *(len(n) for n in names))
+    width_span = max(10, *(len(s) for s in spans))
+    lines = [f"{'#':>2}  {'video':<{width_name}}  {'start-end':<{width_span}}  score  id"]
+    for rank, (moment, name, span) in enumerate(zip(moments, names, spans), 1):
+        lines.append(
+            f"{rank:>2}  {name:<{width_name}}  {span:<{width_span}}  {moment.score:.3f}  {moment.video_id}"
+        )
+    return "\n".join(lines)
