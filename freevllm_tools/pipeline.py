@@ -215,14 +215,25 @@ class FreeVideoLLM:
 
     # -- stages --------------------------------------------------------------------------
 
-    def features(self, video: str | os.PathLike[str], *, progress: bool = False, timer: _Timer | None = None) -> VideoFeatures:
-        """Decode the video once and encode its sampled frames with both encoders."""
+    def features(
+        self, video: str | os.PathLike[str], *, progress: bool = False, timer: _Timer | None = None
+    ) -> VideoFeatures:
+        """The question-independent features of ``video``, from the cache where it holds them.
+
+        Without a cache, or on a cold miss, the video is decoded once and its sampled frames go
+        through each encoder once. With a cache, features it holds are reused; frames it holds
+        (resized for each encoder) stand in for a decode when only an encoder must run again.
+        """
+        timer = timer or _Timer()
+        if self.cache is None:
+            return self._encode(self._decode(video, timer), progress=progress, timer=timer)
+        return self._cached_features(video, progress=progress, timer=timer)
+
+    def _decode(self, video: str | os.PathLike[str], timer: _Timer) -> Frames:
         from .video import read_frames
 
-        timer = timer or _Timer()
         with timer("decode"):
-            frames = read_frames(video, self.config.num_frames)
-        return self._encode(frames, progress=progress, timer=timer)
+            return read_frames(video, self.config.num_frames)
 
     def _encode(self, frames: Frames, *, progress: bool, timer: _Timer) -> VideoFeatures:
         with timer("guide"):
@@ -237,6 +248,93 @@ class FreeVideoLLM:
             guide_pooled=guide.pooled,
             guide_dense=guide.dense,
             frame_tokens=tokens,
+        )
+
+    def _cache_names(self) -> dict[str, str]:
+        from .cache import GUIDE_DENSE, GUIDE_POOLED, LLM_TOKENS, RESIZED_FRAMES, feature_name
+
+        t = self.config.num_frames
+        return {
+            "pooled": feature_name(GUIDE_POOLED, self._guide.identity, frames=t),
+            "dense": feature_name(GUIDE_DENSE, self._guide.identity, frames=t),
+            "tokens": feature_name(LLM_TOKENS, self.answerer.identity, frames=t),
+            "guide_frames": feature_name(RESIZED_FRAMES, "rgb8", frames=t, size=self._guide.image_size),
+            "vision_frames": feature_name(RESIZED_FRAMES, "rgb8", frames=t, size=self.answerer.image_size),
+        }
+
+    def _cached_features(self, video: str | os.PathLike[str], *, progress: bool, timer: _Timer) -> VideoFeatures:
+        from .cache import jsonable
+        from .video import resize_frames
+
+        cache = self.cache
+        names = self._cache_names()
+        with timer("cache"):
+            key = cache.video_key(video)
+            pooled, dense, tokens = (cache.get(key, names[k]) for k in ("pooled", "dense", "tokens"))
+        path = os.path.realpath(video)
+        if pooled is not None and dense is not None and tokens is not None:
+            with timer("cache"):
+                return VideoFeatures(
+                    path=path,
+                    indices=[int(i) for i in pooled.array("indices")],
+                    timestamps=[float(t) for t in pooled.array("timestamps")],
+                    frame_size=_frame_size(pooled.meta),
+                    guide_pooled=pooled.tensor("pooled"),
+                    guide_dense=dense.tensor("dense"),
+                    frame_tokens=tokens.tensor("tokens", device=self.answerer.device),
+                    cache_hit=True,
+                )
+
+        decoded: list[Frames] = []
+
+        def frames_for(which: str, size: tuple[int, int]) -> tuple[Any, Any]:
+            """Frames resized for one encoder, with their metadata: cached, else decoded once."""
+            entry = cache.get(key, names[which])
+            if entry is not None:
+                return entry.array("images"), entry
+            if not decoded:
+                decoded.append(self._decode(video, timer))
+            frames = decoded[0]
+            images = resize_frames(frames.images, size)
+            meta = {"info": jsonable(frames.info), "partial": frames.partial}
+            arrays = {"images": images, "indices": frames.indices, "timestamps": frames.timestamps}
+            cache.put(key, names[which], arrays, meta=meta)
+            return frames.images, None
+
+        meta_source = pooled
+        if pooled is None or dense is None:
+            images, entry = frames_for("guide_frames", self._guide.image_size)
+            with timer("guide"):
+                guide = self._guide.encode_frames(images, progress=progress)
+            source = decoded[0] if decoded else entry
+            indices, timestamps, meta = _frame_meta(source)
+            cache.put(
+                key,
+                names["pooled"],
+                {"pooled": guide.pooled, "indices": indices, "timestamps": timestamps},
+                meta=meta,
+            )
+            cache.put(key, names["dense"], {"dense": guide.dense})
+            guide_pooled, guide_dense = guide.pooled, guide.dense
+        else:
+            indices, timestamps, meta = _frame_meta(meta_source)
+            guide_pooled, guide_dense = pooled.tensor("pooled"), dense.tensor("dense")
+        if tokens is None:
+            images, _ = frames_for("vision_frames", self.answerer.image_size)
+            with timer("vision"):
+                frame_tokens = self.answerer.encode_frames(images, progress=progress)
+            cache.put(key, names["tokens"], {"tokens": frame_tokens})
+        else:
+            frame_tokens = tokens.tensor("tokens", device=self.answerer.device)
+        return VideoFeatures(
+            path=path,
+            indices=[int(i) for i in indices],
+            timestamps=[float(t) for t in timestamps],
+            frame_size=_frame_size(meta),
+            guide_pooled=guide_pooled,
+            guide_dense=guide_dense,
+            frame_tokens=frame_tokens,
+            cache_hit=False,
         )
 
     def plan(
@@ -352,6 +450,20 @@ def provenance(plan: perception.Plan, features: VideoFeatures) -> dict[str, Path
             num_tokens=p.num_tokens,
         )
     return result
+
+
+def _frame_meta(source: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Frame indices, timestamps and metadata from decoded ``Frames`` or a cache entry."""
+    from .cache import jsonable
+
+    if hasattr(source, "images"):
+        return source.indices, source.timestamps, {"info": jsonable(source.info), "partial": source.partial}
+    return source.array("indices"), source.array("timestamps"), dict(source.meta)
+
+
+def _frame_size(meta: dict[str, Any]) -> tuple[int, int]:
+    info = meta.get("info") or {}
+    return int(info.get("width", 0)), int(info.get("height", 0))
 
 
 def _config_label(config: PerceptionConfig) -> str:

@@ -721,3 +721,20 @@ def _child_failure(returncode: int, errors) -> str:
     if returncode < 0:
         return f"the decord worker died from signal {-returncode}"
     return f"the decord worker exited with status {returncode}: {' '.join(tail[-2:])[:300]}"
+
+
+def resize_frames(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Frames ``(T, H, W, 3)`` uint8 -> ``(T, *size, 3)`` uint8, aspect ratio not kept.
+
+    Bicubic with antialiasing, rounded to whole pixel values: what a LLaVA image processor
+    does, so an encoder given these frames resizes nothing and sees the same pixels.
+    ``size`` is ``(height, width)``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if images.shape[1:3] == tuple(size) or len(images) == 0:
+        return np.ascontiguousarray(images)
+    pixels = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    pixels = F.interpolate(pixels, size=tuple(size), mode="bicubic", align_corners=False, antialias=True)
+    return pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
