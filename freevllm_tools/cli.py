@@ -61,7 +61,9 @@ def _load_pipeline(args: argparse.Namespace) -> Any:
     )
 
 
-def _print_provenance(result: Any, out: Any = sys.stdout) -> None:
+def print_provenance(result: Any, out: Any = None) -> None:
+    """Per pathway: tokens, kept frames with their times and RoI boxes; then the total."""
+    out = out or sys.stdout
     for name, p in result.pathways.items():
         if not p.frame_indices:
             continue
@@ -76,7 +78,15 @@ def _print_provenance(result: Any, out: Any = sys.stdout) -> None:
     print(f"  visual tokens: {result.num_visual_tokens}", file=out)
 
 
+def _check_video(path: str) -> None:
+    """Fail on a bad video before spending time on loading models."""
+    from .video import probe
+
+    probe(path)
+
+
 def cmd_ask(args: argparse.Namespace) -> int:
+    _check_video(args.video)
     qa = _load_pipeline(args)
     if args.json:
         result = qa.ask(args.video, args.question, max_new_tokens=args.max_new_tokens, progress=True)
@@ -90,7 +100,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
         on_text=lambda piece: print(piece, end="", flush=True),
     )
     print()
-    _print_provenance(result)
+    print_provenance(result)
     return 0
 
 
@@ -98,14 +108,48 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .render import save_contact_sheet
     from .video import read_frames
 
+    _check_video(args.video)
     qa = _load_pipeline(args)
     result = qa.ask(args.video, args.question, max_new_tokens=args.max_new_tokens, progress=True)
     frames = read_frames(args.video, qa.config.num_frames)
     images = {int(i): image for i, image in zip(frames.indices, frames.images)}
     path = save_contact_sheet(result, images, args.out)
     print(f"Answer: {result.answer}")
-    _print_provenance(result)
+    print_provenance(result)
     print(f"contact sheet: {path}")
+    return 0
+
+
+def _add_library_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("library")
+    group.add_argument("--library", default=None, help="library folder (default: FREEVLLM_LIBRARY or the user data dir)")
+    group.add_argument("--guide", default=DEFAULT_GUIDE, help="open_clip model name or saved directory (default: %(default)s)")
+    group.add_argument("--guide-pretrained", default=DEFAULT_GUIDE_PRETRAINED, help="weights tag or local checkpoint")
+    group.add_argument("--device", default=None, help="torch device (default: cuda when present)")
+    group.add_argument("--cache-dir", default=None, help="feature cache folder shared with `ask`")
+
+
+def _open_library(args: argparse.Namespace) -> Any:
+    from .cache import FeatureCache
+    from .guide import ClipGuide
+    from .library import VideoLibrary, default_library_dir
+
+    guide = ClipGuide.from_pretrained(args.guide, args.guide_pretrained, device=args.device)
+    return VideoLibrary(args.library or default_library_dir(), guide, cache=FeatureCache(args.cache_dir))
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    library = _open_library(args)
+    report = library.add(args.paths, recursive=not args.no_recursive, progress=True)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .library import format_moments
+
+    library = _open_library(args)
+    print(format_moments(library.search(args.query, k=args.k), as_json=args.json))
     return 0
 
 
@@ -135,6 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--max-new-tokens", type=int, default=128)
     _add_model_options(inspect)
     inspect.set_defaults(func=cmd_inspect)
+
+    index = sub.add_parser("index", help="index videos (files or folders) into a library for search")
+    index.add_argument("paths", nargs="+")
+    index.add_argument("--no-recursive", action="store_true", help="do not descend into sub-folders")
+    _add_library_options(index)
+    index.set_defaults(func=cmd_index)
+
+    search = sub.add_parser("search", help="find the moments in a library that match a description")
+    search.add_argument("query")
+    search.add_argument("-k", type=int, default=5, help="moments to return (default: %(default)s)")
+    search.add_argument("--json", action="store_true", help="print the moments as JSON")
+    _add_library_options(search)
+    search.set_defaults(func=cmd_search)
 
     demo = sub.add_parser("demo", help="run the whole method offline on a synthetic video")
     demo.add_argument("--out", default="demo_out")

@@ -116,17 +116,37 @@ class VideoFeatures:
     cache_hit: bool = False
 
 
+_STAGE_LABELS = {"decode": "decoding", "guide": "CLIP guide", "vision": "vision tower"}
+
+
 class _Timer:
-    def __init__(self) -> None:
+    """Seconds per stage; with ``progress``, a bar on stderr that names the running stage."""
+
+    def __init__(self, progress: bool = False) -> None:
         self.timings: dict[str, float] = {}
+        self._bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=len(_STAGE_LABELS), unit="stage", leave=False)
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
+        label = _STAGE_LABELS.get(stage)
+        if self._bar is not None and label:
+            self._bar.set_description(label)
         start = time.perf_counter()
         try:
             yield
         finally:
             self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+            if self._bar is not None and label:
+                self._bar.update(1)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
 
 def check_question(question: object, max_chars: int = MAX_QUESTION_CHARS) -> str:
@@ -357,8 +377,11 @@ class FreeVideoLLM:
         self, video: str | os.PathLike[str], question: str, progress: bool
     ) -> tuple[str, VideoFeatures, perception.Plan, torch.Tensor, _Timer]:
         question = check_question(question)
-        timer = _Timer()
-        features = self.features(video, progress=progress, timer=timer)
+        timer = _Timer(progress)
+        try:
+            features = self.features(video, progress=progress, timer=timer)
+        finally:
+            timer.close()
         plan = self.plan(features, question, timer=timer)
         with timer("perception"):
             tokens = perception.gather(plan, features.frame_tokens)
