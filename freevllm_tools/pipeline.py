@@ -19,17 +19,15 @@ import torch
 
 from . import perception
 from .config import PerceptionConfig
-from .errors import ConfigError, InputError
+from .errors import ConfigError
+from .security import check_question
 
 if TYPE_CHECKING:
     from .answerer import Generation, LlavaAnswerer
     from .guide import ClipGuide
     from .video import Frames
 
-__all__ = ["FreeVideoLLM", "AskResult", "PathwayProvenance", "VideoFeatures", "MAX_QUESTION_CHARS"]
-
-#: Longest question accepted; longer ones are refused before any work.
-MAX_QUESTION_CHARS = 2000
+__all__ = ["FreeVideoLLM", "AskResult", "PathwayProvenance", "VideoFeatures"]
 
 Box4 = tuple[int, int, int, int]
 
@@ -147,20 +145,6 @@ class _Timer:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-
-
-def check_question(question: object, max_chars: int = MAX_QUESTION_CHARS) -> str:
-    """The stripped question, or InputError when it is not a non-empty, bounded string."""
-    if not isinstance(question, str):
-        raise InputError(f"question must be a string, got {type(question).__name__}")
-    text = question.strip()
-    if not text:
-        raise InputError("question is empty; ask something about the video, e.g. 'What happens at the end?'")
-    if len(text) > max_chars:
-        raise InputError(
-            f"question is {len(text)} characters long; the limit is {max_chars}. Shorten it."
-        )
-    return text
 
 
 class FreeVideoLLM:

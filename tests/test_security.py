@@ -338,11 +338,6 @@ def test_check_question() -> None:
         check_question("", what="query")
 
 
-def test_question_limit_matches_the_pipeline() -> None:
-    from freevllm_tools import pipeline
-
-    assert MAX_QUESTION_CHARS == pipeline.MAX_QUESTION_CHARS
-
 
 def test_check_count() -> None:
     assert check_count(5) == 5
