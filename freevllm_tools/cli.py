@@ -153,6 +153,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import ChatSession, run_chat
+
+    _check_video(args.video)
+    qa = _load_pipeline(args)
+    session = ChatSession(
+        qa, args.video, history_turns=args.history_turns, max_new_tokens=args.max_new_tokens
+    )
+    return run_chat(session)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -192,6 +203,15 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true", help="print the moments as JSON")
     _add_library_options(search)
     search.set_defaults(func=cmd_search)
+
+    chat = sub.add_parser("chat", help="chat about one video in the terminal (LLaVA alone answers)")
+    chat.add_argument("video")
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.add_argument(
+        "--history-turns", type=int, default=2, help="earlier turns written into each prompt (default: %(default)s)"
+    )
+    _add_model_options(chat)
+    chat.set_defaults(func=cmd_chat)
 
     demo = sub.add_parser("demo", help="run the whole method offline on a synthetic video")
     demo.add_argument("--out", default="demo_out")

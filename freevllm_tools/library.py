@@ -14,6 +14,9 @@ Storage, in the library folder::
                          generation, checksum
     index-*.faiss        the FAISS index named by the manifest
     library.lock         the writers' file lock
+    videos.jsonl         the journal: one JSON line per committed change (a video's row and its
+                         frames' ids, indices and times; moves; removals), appended and fsync'ed
+                         after each commit: what rebuilds a damaged or truncated database
 
 Crash safety: a writer holds the file lock, writes one video's rows in one SQLite
 transaction, and only then updates and saves the FAISS index (temporary file, fsync, rename,
@@ -23,6 +26,12 @@ index against the manifest (checksum, identity, dimension) and against SQLite (i
 catches it up or rebuilds it from the embeddings in SQLite; it never serves a stale index.
 A reader that finds the database changed by another process (a generation counter) brings
 its in-memory index up to date before searching.
+
+A damaged database (SQLite says "malformed" or "not a database", e.g. a truncated file) or one
+that lost commits its journal holds is moved aside (``library.sqlite.damaged-*``) and rebuilt:
+the videos from the journal, their embeddings from what still reads of the old file, else the
+frame index file (when it matches its manifest), else the feature cache. A video none of them
+can restore is dropped and named in ``repairs`` (re-adding its file indexes it again).
 
 Sampling, always by the segment-middle rule: ``ceil(duration * frames_per_second)`` frames,
 at least ``num_frames`` and at most ``max_frames`` (defaults 0.5 frame/s, 50, 120): a clip up
@@ -51,6 +60,7 @@ import numpy as np
 
 from .cache import GUIDE_POOLED, FeatureCache, feature_name, hash_file, jsonable
 from .errors import FreeVideoError, InputError, LibraryError
+from .limits import Limits, resolve_limits
 
 if TYPE_CHECKING:  # pragma: no cover
     from .guide import ClipGuide
@@ -81,6 +91,7 @@ _SCHEMA_VERSION = 1
 _DB_NAME = "library.sqlite"
 _MANIFEST = "index.json"
 _LOCK = "library.lock"
+_JOURNAL = "videos.jsonl"
 _SQL_CHUNK = 900
 _SAVE_EVERY_S = 30.0
 _SAVE_EACH_BELOW_BYTES = 64 * 1024**2
@@ -251,9 +262,12 @@ class IndexRepair:
 
     reason: str
     action: str
-    """``"rebuilt"`` (from SQLite) or ``"caught up"`` (missing vectors added, extra removed)."""
+    """``"rebuilt"`` (from SQLite), ``"caught up"`` (missing vectors added, extra removed), or
+    ``"database rebuilt"`` (a damaged database rebuilt from the journal)."""
     vectors: int
-    """Vectors in the index afterwards."""
+    """Vectors in the index afterwards (frames in the database, for a database repair)."""
+    dropped: tuple[str, ...] = ()
+    """Paths of videos a database repair could not restore: add them again to re-index them."""
 
 
 # -- the frame index -------------------------------------------------------------------------
@@ -358,6 +372,14 @@ class FaissFrameIndex:
 
         return faiss.vector_to_array(self._index.id_map).astype(np.int64)
 
+    def vectors(self, ids: Sequence[int]) -> np.ndarray | None:
+        """The stored vectors of ``ids`` ``(N, dim)``, or None when one of them is missing."""
+        try:
+            rows = [self._index.reconstruct(int(i)) for i in ids]
+        except RuntimeError:  # an id the index does not hold
+            return None
+        return np.asarray(rows, dtype=np.float32).reshape(-1, self.dim)
+
     def save(self, path: Path) -> None:
         """Write the index to ``path`` (the caller renames it into place)."""
         import faiss
@@ -422,8 +444,10 @@ class VideoLibrary:
         merge_gap: seconds between two hits of one video that still merge into one moment
             (hits consecutive in the sampled frames always merge).
         lock_timeout: seconds a writer waits for another process's write to finish.
+        limits: bounds on each video added (:class:`~freevllm_tools.limits.Limits`; None:
+            the defaults), checked before it is hashed, probed or decoded.
 
-    ``repairs`` lists what opening had to fix in the frame index.
+    ``repairs`` lists what opening had to fix in the frame index or the database.
     """
 
     def __init__(
@@ -439,6 +463,7 @@ class VideoLibrary:
         index_options: dict[str, Any] | None = None,
         merge_gap: float = 0.0,
         lock_timeout: float = 600.0,
+        limits: Limits | None = None,
     ) -> None:
         import filelock
 
@@ -454,6 +479,7 @@ class VideoLibrary:
         if merge_gap < 0:
             raise InputError(f"merge_gap must be >= 0 seconds, got {merge_gap}")
         self.merge_gap = float(merge_gap)
+        self.limits = resolve_limits(limits)
         self.repairs: list[IndexRepair] = []
         self._mutex = threading.RLock()
         self._file_lock = filelock.FileLock(os.fspath(self.path / _LOCK), timeout=lock_timeout)
@@ -465,10 +491,27 @@ class VideoLibrary:
         self._generation = -1
         self._dirty = False
         self._last_save = time.monotonic()
-        self._setup(num_frames, frames_per_second, max_frames, index, index_options)
-        self._open_index()
+        self._open((num_frames, frames_per_second, max_frames, index, index_options))
 
     # -- settings --------------------------------------------------------------------------
+
+    def _open(self, settings: tuple[Any, ...]) -> None:
+        """Check the database against its journal, apply the settings, load the frame index;
+        a damaged database is rebuilt first (see the module docstring)."""
+        try:
+            self._check_journal()
+            self._setup(*settings)
+            self._open_index()
+        except (sqlite3.DatabaseError, LibraryError) as exc:
+            cause = _damage(exc)
+            if cause is None:
+                raise
+            with self._write_lock():
+                if not self._healthy():  # another process may have rebuilt it meanwhile
+                    self._recover_database(f"the database is damaged ({cause})")
+            self._check_journal()
+            self._setup(*settings)
+            self._open_index()
 
     def _setup(self, num_frames, frames_per_second, max_frames, index, index_options) -> None:
         stored = self._meta_all()
@@ -511,10 +554,12 @@ class VideoLibrary:
         else:  # the stored FAISS settings stay for when the library is opened without it
             self._index = index  # type: ignore[assignment]
         if any(stored.get(key) != value for key, value in wanted.items()) or "generation" not in stored:
-            with self._write_lock(), self._transaction() as conn:
-                for key, value in wanted.items():
-                    conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
-                conn.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
+            with self._write_lock():
+                with self._transaction() as conn:
+                    for key, value in wanted.items():
+                        conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+                    conn.execute("INSERT OR IGNORE INTO meta VALUES ('generation', '0')")
+                self._journal({"op": "meta", "gen": self._db_generation(), "values": wanted})
 
     def frames_for(self, duration: float) -> int:
         """How many frames this library samples from a video of ``duration`` seconds."""
@@ -754,6 +799,7 @@ class VideoLibrary:
         if row is not None and self._unchanged(row, stamp, identity):
             report.skipped.append(real)
             return
+        self.limits.check_file(real)  # before the file is hashed
         content_key = self.cache.video_key(real) if self.cache is not None else hash_file(real)
         if row is not None and row["content_key"] == content_key and self._current(row, identity):
             with self._write_lock(), self._transaction() as conn:  # touched, not changed
@@ -813,7 +859,8 @@ class VideoLibrary:
                         "UPDATE videos SET path = ?, size_bytes = ?, mtime_ns = ?, inode = ? WHERE id = ?",
                         (real, *stamp, video_id),
                     )
-                    self._bump_generation(conn)
+                    generation = self._bump_generation(conn)
+                self._journal({"op": "move", "gen": generation, "id": video_id, "path": real, "stamp": list(stamp)})
                 self._generation += 1  # nothing in the index changed
                 report.moved.append((old_path, real))
                 return True
@@ -823,12 +870,13 @@ class VideoLibrary:
         """The video's pooled guide embeddings: from the library, the cache, or a decode + encode."""
         known = self._known_features(content_key, identity)
         if known is not None:
+            self.limits.check_info(known.info, shown=real)
             return known
         from .video import probe, read_frames
 
         info = None
         if self.sampling["frames_per_second"]:
-            info = probe(real)  # the frame count depends on the duration
+            info = probe(real, limits=self.limits)  # the frame count depends on the duration
             count = self.frames_for(float(info.duration))
         else:
             count = self.frames_for(0.0)
@@ -837,6 +885,7 @@ class VideoLibrary:
             entry = self.cache.get(content_key, name)
             if entry is not None and {"pooled", "indices", "timestamps"} <= set(entry.names):
                 meta = entry.meta
+                self.limits.check_info(meta.get("info") or {}, shown=real)
                 return _Features(
                     _normalise(entry.array("pooled")),
                     entry.array("indices").astype(np.int64),
@@ -845,7 +894,7 @@ class VideoLibrary:
                     bool(meta.get("partial", False)),
                     True,
                 )
-        frames = read_frames(real, count)
+        frames = read_frames(real, count, limits=self.limits)
         pooled_np = _normalise(_as_numpy(self.guide.encode_frames(frames.images).pooled))
         indices = np.asarray(frames.indices, dtype=np.int64)
         timestamps = np.asarray(frames.timestamps, dtype=np.float64)
@@ -932,7 +981,13 @@ class VideoLibrary:
                     ).lastrowid
                 )
             new_ids = self._insert_frames(conn, video_id, features, pooled)
-            self._bump_generation(conn)
+            generation = self._bump_generation(conn)
+        self._journal({
+            "op": "put", "gen": generation,
+            "video": {"id": video_id, "path": real, **dict(zip(_ROW_FIELDS, values))},
+            "frames": {"ids": new_ids.tolist(), "indices": np.asarray(features.indices).tolist(),
+                       "timestamps": np.asarray(features.timestamps, dtype=np.float64).tolist()},
+        })
         return new_ids, old_ids
 
     def _insert_frames(
@@ -994,7 +1049,8 @@ class VideoLibrary:
                 for chunk in _chunks(ids):
                     conn.execute(f"DELETE FROM frames WHERE video_id IN ({_marks(chunk)})", chunk)
                     conn.execute(f"DELETE FROM videos WHERE id IN ({_marks(chunk)})", chunk)
-                self._bump_generation(conn)
+                generation = self._bump_generation(conn)
+            self._journal({"op": "remove", "gen": generation, "ids": ids})
             self._apply_to_index(np.zeros(0, dtype=np.int64), frame_ids, None)
             self._save_index()
         return list({r.id: r for r in records}.values())
@@ -1268,7 +1324,8 @@ class VideoLibrary:
 
     def _note(self, repair: IndexRepair) -> None:
         self.repairs.append(repair)
-        logger.warning("library %s: frame index %s (%s); %d vectors", self.path, repair.action, repair.reason, repair.vectors)
+        what = "" if repair.action.startswith("database") else "frame index "
+        logger.warning("library %s: %s%s (%s); %d vectors", self.path, what, repair.action, repair.reason, repair.vectors)
 
     @staticmethod
     def _embeddings(conn: sqlite3.Connection, ids: np.ndarray, dim: int) -> np.ndarray:
@@ -1345,6 +1402,163 @@ class VideoLibrary:
                 old.unlink(missing_ok=True)
         self._dirty = False
         self._last_save = time.monotonic()
+
+    # -- the journal: redundancy for the database -------------------------------------------
+
+    def _journal(self, record: dict[str, Any]) -> None:
+        """Append one committed change to the journal (with the write lock held, after the commit)."""
+        line = (json.dumps(record, separators=(",", ":")) + "\n").encode("utf-8")
+        try:
+            with open(self.path / _JOURNAL, "ab+") as handle:
+                if handle.seek(0, os.SEEK_END) > 0:
+                    handle.seek(-1, os.SEEK_END)
+                    if handle.read(1) != b"\n":
+                        line = b"\n" + line  # end the line a killed writer tore
+                handle.write(line)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except OSError as exc:  # the database has the change; the next open rewrites the journal
+            logger.warning("library %s: cannot append to its journal (%s)", self.path, exc)
+
+    def _check_journal(self) -> None:
+        """Rebuild a database that lost commits its journal holds; rewrite a journal that is behind."""
+        journal = self.path / _JOURNAL
+        if _journal_generation(journal) == self._db_generation():
+            return
+        with self._write_lock():
+            logged, current = _journal_generation(journal), self._db_generation()
+            if logged is not None and logged > current:
+                self._recover_database(
+                    f"the database is behind its journal (generation {current}, the journal's {logged})"
+                )
+            elif logged != current:
+                self._rewrite_journal()
+
+    def _rewrite_journal(self) -> None:
+        """Write the journal afresh from the database (with the write lock held)."""
+        with self._snapshot() as conn:
+            generation = self._db_generation(conn)
+            meta = {k: v for k, v in conn.execute("SELECT key, value FROM meta") if k != "generation"}
+            sequence = dict(conn.execute("SELECT name, seq FROM sqlite_sequence").fetchall())
+            lines = [{"op": "meta", "gen": generation, "values": meta, "seq": sequence}]
+            rows = conn.execute(f"SELECT id, path, {', '.join(_ROW_FIELDS)} FROM videos ORDER BY id").fetchall()
+            for row in rows:
+                frames = conn.execute(
+                    "SELECT id, frame_index, timestamp FROM frames WHERE video_id = ? ORDER BY position", (row[0],)
+                ).fetchall()
+                lines.append({
+                    "op": "put", "gen": generation, "video": dict(zip(("id", "path", *_ROW_FIELDS), row)),
+                    "frames": {"ids": [f[0] for f in frames], "indices": [f[1] for f in frames],
+                               "timestamps": [f[2] for f in frames]},
+                })
+        _atomic_write_text(self.path / _JOURNAL, "".join(json.dumps(x, separators=(",", ":")) + "\n" for x in lines))
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None and self._pid == os.getpid():
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.close()
+        self._conn = None
+
+    def _healthy(self) -> bool:
+        """Whether the database opens and answers the queries opening asks (False: damaged)."""
+        self._drop_connection()
+        try:
+            conn = self._connect()
+            conn.execute("SELECT key, value FROM meta").fetchall()
+            conn.execute("SELECT COUNT(*) FROM videos").fetchone()
+            conn.execute("SELECT COUNT(*) FROM frames").fetchone()
+            return True
+        except (sqlite3.DatabaseError, LibraryError) as exc:
+            if _damage(exc) is None:
+                raise
+            self._drop_connection()
+            return False
+
+    def _recover_database(self, reason: str) -> None:
+        """Move the database aside and rebuild it from the journal (or, without one, from what the
+        old file still gives); embeddings from the old file, the frame index file or the cache.
+        With the write lock held."""
+        self._drop_connection()
+        db = self.path / _DB_NAME
+        aside = db.with_name(f"{_DB_NAME}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}")
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(f"{db}{suffix}"):
+                os.replace(f"{db}{suffix}", f"{aside}{suffix}")
+        old = _Salvage(aside)
+        try:
+            journal = _read_journal(self.path / _JOURNAL)
+            meta = {k: v for k, v in {**old.meta, **journal.meta}.items() if not k.startswith("seq:")}
+            records = journal.videos if journal.generation is not None else old.videos()
+            with self._transaction() as conn:
+                for key, value in meta.items():
+                    conn.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, str(value)))
+            identities = {str(r["video"].get("guide_identity")) for r in records.values()}
+            identity = meta.get("guide_identity") or (identities.pop() if len(identities) == 1 else None)
+            index = _intact_index(self.path, identity, meta.get("dim"))
+            kept, frames, dropped = 0, 0, []
+            with self._transaction() as conn:
+                for video_id in sorted(records):
+                    video, restored = records[video_id]["video"], self._restore_frames(records[video_id], old, index)
+                    columns = [c for c in ("id", "path", *_ROW_FIELDS) if c in video]
+                    if restored is None or len(columns) != 2 + len(_ROW_FIELDS):
+                        dropped.append(str(video.get("path")))
+                        continue
+                    ids, indices, timestamps, vectors = restored
+                    conn.execute(
+                        f"INSERT INTO videos ({', '.join(columns)}) VALUES ({_marks(columns)})",
+                        [video[c] for c in columns],
+                    )
+                    conn.execute("UPDATE videos SET indexed_frames = ? WHERE id = ?", (len(vectors), video["id"]))
+                    conn.executemany(
+                        "INSERT INTO frames (id, video_id, position, frame_index, timestamp, embedding) "
+                        "VALUES (?, ?, ?, ?, ?, ?)",
+                        [(ids[n], video["id"], n, int(indices[n]), float(timestamps[n]), vectors[n].tobytes())
+                         for n in range(len(vectors))],
+                    )
+                    kept, frames = kept + 1, frames + len(vectors)
+                for table in ("videos", "frames"):  # ids are never reused, not even lost ones
+                    floor = max(journal.max_ids[table], int(old.meta.get(f"seq:{table}", 0)))
+                    conn.execute("INSERT OR IGNORE INTO sqlite_sequence (name, seq) VALUES (?, 0)", (table,))
+                    conn.execute("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = ?", (floor, table))
+                if kept:  # what the first commit records, in case the old meta did not read
+                    conn.execute("INSERT OR IGNORE INTO meta VALUES ('guide_identity', ?)", (identity,))
+                    conn.execute("INSERT OR IGNORE INTO meta VALUES ('dim', ?)", (str(vectors.shape[1]),))
+                generation = max(journal.generation or 0, old.generation) + 1
+                conn.execute("INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (str(generation),))
+        finally:
+            old.close()
+        self._rewrite_journal()
+        self._note(IndexRepair(
+            f"{reason}: moved it to {aside.name} and rebuilt it; {kept} of {len(records)} videos restored"
+            + (f", dropped {len(dropped)}: {', '.join(map(os.path.basename, dropped))}" if dropped else ""),
+            "database rebuilt", frames, tuple(dropped),
+        ))
+
+    def _restore_frames(
+        self, record: dict[str, Any], old: _Salvage, index: FaissFrameIndex | None
+    ) -> tuple[list[int | None], list[int], list[float], np.ndarray] | None:
+        """A video's frame ids, indices, times and embeddings from the first source that has them all."""
+        video, frames = record["video"], record.get("frames") or {}
+        ids, indices, timestamps = frames.get("ids"), frames.get("indices"), frames.get("timestamps")
+        vectors = old.embeddings(ids) if ids else None
+        if vectors is None and ids and index is not None:
+            vectors = index.vectors(ids)
+        if vectors is None and self.cache is not None:
+            try:
+                name = feature_name(GUIDE_POOLED, str(video["guide_identity"]), frames=int(video["requested_frames"]))
+                entry = self.cache.get(str(video["content_key"]), name)
+                if entry is not None and {"pooled", "indices", "timestamps"} <= set(entry.names):
+                    cached = entry.array("indices").astype(np.int64).tolist()
+                    if indices is None or cached == list(indices):
+                        vectors = _normalise(entry.array("pooled"))
+                        if indices is None:
+                            indices, timestamps = cached, entry.array("timestamps").tolist()
+                            ids = [None] * len(cached)  # new ids
+            except (FreeVideoError, KeyError, TypeError, ValueError, OSError):
+                vectors = None
+        if vectors is None or indices is None or timestamps is None or not len(vectors) == len(indices) == len(ids):
+            return None
+        return list(ids), list(indices), list(timestamps), vectors
 
     def check(self) -> dict[str, Any]:
         """The index against the database: counts and whether they agree (for tests and ``inspect``)."""
@@ -1459,6 +1673,182 @@ def _atomic_write_text(path: Path, text: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+#: The columns of ``videos`` besides ``id`` and ``path``, in the order ``_commit_video`` writes them.
+_ROW_FIELDS = (
+    "content_key", "size_bytes", "mtime_ns", "inode", "guide_identity", "requested_frames", "indexed_frames",
+    "num_frames", "fps", "duration", "width", "height", "info", "partial", "added_at",
+)
+
+
+def _damage(exc: BaseException | None) -> str | None:
+    """SQLite's words when ``exc`` (or what caused it) says the database file is damaged, else None."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, sqlite3.DatabaseError):
+            text = str(exc)
+            if getattr(exc, "sqlite_errorcode", None) in (11, 26) or "malformed" in text or "not a database" in text:
+                return text
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+@dataclass
+class _JournalState:
+    generation: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    videos: dict[int, dict[str, Any]] = field(default_factory=dict)
+    max_ids: dict[str, int] = field(default_factory=lambda: {"videos": 0, "frames": 0})
+    bad_lines: int = 0
+
+
+def _read_journal(path: Path) -> _JournalState:
+    """Replay the journal: the videos it says the library holds (a torn or garbled line is skipped)."""
+    state = _JournalState()
+    by_path: dict[str, int] = {}
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        return state
+    with handle:
+        for raw in handle:
+            try:
+                record = json.loads(raw)
+                op, generation = record["op"], int(record["gen"])
+                if op == "meta":
+                    state.meta.update({str(k): str(v) for k, v in record["values"].items()})
+                    for table, value in (record.get("seq") or {}).items():
+                        if table in state.max_ids:
+                            state.max_ids[table] = max(state.max_ids[table], int(value))
+                elif op == "put":
+                    video = record["video"]
+                    video_id, path_text = int(video["id"]), str(video["path"])
+                    if by_path.get(path_text, video_id) != video_id:
+                        state.videos.pop(by_path[path_text], None)  # superseded at that path
+                    state.videos[video_id], by_path[path_text] = record, video_id
+                    state.max_ids["videos"] = max(state.max_ids["videos"], video_id)
+                    state.max_ids["frames"] = max([state.max_ids["frames"], *map(int, record["frames"]["ids"])])
+                elif op == "move":
+                    entry = state.videos.get(int(record["id"]))
+                    if entry is not None:
+                        by_path.pop(entry["video"]["path"], None)
+                        entry["video"]["path"] = str(record["path"])
+                        entry["video"].update(zip(("size_bytes", "mtime_ns", "inode"), record["stamp"]))
+                        by_path[str(record["path"])] = int(record["id"])
+                elif op == "remove":
+                    for video_id in map(int, record["ids"]):
+                        entry = state.videos.pop(video_id, None)
+                        if entry is not None:
+                            by_path.pop(entry["video"]["path"], None)
+                else:
+                    raise ValueError(op)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                state.bad_lines += 1
+                continue
+            state.generation = generation if state.generation is None else max(state.generation, generation)
+    return state
+
+
+def _journal_generation(path: Path) -> int | None:
+    """The generation of the journal's last complete line (None: no journal); reads only its tail."""
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - 65536))
+            tail = handle.read()
+    except FileNotFoundError:
+        return None
+    for raw in reversed(tail.splitlines()):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            return int(json.loads(raw)["gen"])
+    return _read_journal(path).generation if size > 65536 else None
+
+
+def _intact_index(folder: Path, identity: str | None, dim: Any) -> FaissFrameIndex | None:
+    """The saved FAISS index when it matches its manifest and the library's guide, else None."""
+    try:
+        manifest = json.loads((folder / _MANIFEST).read_text("utf-8"))
+        file = folder / os.path.basename(str(manifest["file"]))
+        if manifest["identity"] != identity or (dim is not None and str(manifest["dim"]) != str(dim)):
+            return None
+        if hash_file(file) != manifest["checksum"]:
+            return None
+        return FaissFrameIndex.load(file, manifest["kind"], int(manifest["dim"]), **(manifest.get("options") or {}))
+    except (OSError, ValueError, KeyError, TypeError, FreeVideoError):
+        return None
+
+
+class _Salvage:
+    """Reads what still reads from a damaged database file; every read fails soft."""
+
+    def __init__(self, path: Path) -> None:
+        self.conn: sqlite3.Connection | None = None
+        self.meta: dict[str, str] = {}
+        self.generation = 0
+        if not path.exists():
+            return
+        try:
+            self.conn = sqlite3.connect(path, timeout=1.0, isolation_level=None, check_same_thread=False)
+            self.conn.execute("PRAGMA writable_schema = ON")  # read past a header that counts lost pages
+            self.conn.execute("PRAGMA query_only = ON")
+        except sqlite3.Error:
+            self.close()
+            return
+        self.meta = {str(k): str(v) for k, v in self._rows("SELECT key, value FROM meta")}
+        with contextlib.suppress(ValueError):
+            self.generation = int(self.meta.pop("generation", 0))
+        for name, seq in self._rows("SELECT name, seq FROM sqlite_sequence"):
+            self.meta[f"seq:{name}"] = str(seq)
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """The rows ``sql`` gives before SQLite hits a damaged page."""
+        rows: list[tuple[Any, ...]] = []
+        if self.conn is None:
+            return rows
+        try:
+            for row in self.conn.execute(sql, params):
+                rows.append(tuple(row))
+        except sqlite3.Error:
+            pass
+        return rows
+
+    def embeddings(self, ids: Sequence[int]) -> np.ndarray | None:
+        """The stored embeddings of frames ``ids``, or None when one of them does not read."""
+        found: dict[int, bytes] = {}
+        for chunk in _chunks([int(i) for i in ids]):
+            rows = self._rows(f"SELECT id, embedding FROM frames WHERE id IN ({_marks(chunk)})", chunk)
+            if len(rows) < len(chunk):  # some page is gone: try the rest one by one
+                rows = [r for i in chunk for r in self._rows("SELECT id, embedding FROM frames WHERE id = ?", (i,))]
+            found.update((int(r[0]), r[1]) for r in rows if isinstance(r[1], bytes))
+        if len(found) < len(ids) or len({len(found[int(i)]) for i in ids}) > 1:
+            return None
+        return np.stack([np.frombuffer(found[int(i)], dtype=np.float32) for i in ids]) if ids else None
+
+    def videos(self) -> dict[int, dict[str, Any]]:
+        """Without a journal: the video rows that still read, with their frames where those read whole."""
+        columns = ("id", "path", *_ROW_FIELDS)
+        select = f"SELECT {', '.join(columns)} FROM videos ORDER BY id"
+        rows = {r[0]: r for r in self._rows(select) + self._rows(select + " DESC")}
+        out: dict[int, dict[str, Any]] = {}
+        for video_id, row in rows.items():
+            video = dict(zip(columns, row))
+            frames = self._rows(
+                "SELECT id, frame_index, timestamp FROM frames WHERE video_id = ? ORDER BY position", (video_id,)
+            )
+            whole = len(frames) == video["indexed_frames"]
+            out[int(video_id)] = {"video": video, "frames": {
+                "ids": [f[0] for f in frames] if whole else None,
+                "indices": [f[1] for f in frames] if whole else None,
+                "timestamps": [f[2] for f in frames] if whole else None,
+            }}
+        return out
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.close()
+        self.conn = None
 
 
 def _clock(seconds: float) -> str:

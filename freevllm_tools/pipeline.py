@@ -20,7 +20,7 @@ import torch
 from . import perception
 from .config import PerceptionConfig
 from .errors import ConfigError
-from .security import check_question
+from .limits import Limits, resolve_limits
 
 if TYPE_CHECKING:
     from .answerer import Generation, LlavaAnswerer
@@ -165,6 +165,7 @@ class FreeVideoLLM:
         *,
         cache: Any | None = None,
         max_new_tokens: int = 128,
+        limits: Limits | None = None,
     ) -> None:
         self._guide = guide
         self.answerer = answerer
@@ -173,6 +174,8 @@ class FreeVideoLLM:
             raise ConfigError(f"config must be a PerceptionConfig or a preset name, got {config!r}")
         self.cache = cache
         self.max_new_tokens = max_new_tokens
+        self.limits = resolve_limits(limits)
+        """Bounds on a video and a question, checked before decoding or running a model."""
 
     @classmethod
     def from_pretrained(
@@ -188,13 +191,14 @@ class FreeVideoLLM:
         cache_dir: str | os.PathLike[str] | None = None,
         use_cache: bool = True,
         rope_scaling_factor: float | None = 2.0,
+        limits: Limits | None = None,
     ) -> FreeVideoLLM:
         """Load the guide (open_clip) and the answerer (transformers) by name or local path.
 
         Defaults are the paper's pair. For a CPU, use a small LLaVA-family model, e.g.
         ``llm="llava-hf/llava-onevision-qwen2-0.5b-ov-hf"``.
         """
-        from .answerer import Generation, LlavaAnswerer
+        from .answerer import LlavaAnswerer
         from .guide import ClipGuide
 
         clip = ClipGuide.from_pretrained(guide, guide_pretrained, device=device, dtype=dtype)
@@ -206,7 +210,7 @@ class FreeVideoLLM:
             from .cache import FeatureCache
 
             cache = FeatureCache(cache_dir)
-        return cls(clip, answerer, preset, cache=cache)
+        return cls(clip, answerer, preset, cache=cache, limits=limits)
 
     @property
     def guide(self) -> ClipGuide:
@@ -229,6 +233,7 @@ class FreeVideoLLM:
         (resized for each encoder) stand in for a decode when only an encoder must run again.
         """
         timer = timer or _Timer()
+        self.limits.check_file(video)  # before the file is hashed or opened
         if self.cache is None:
             return self._encode(self._decode(video, timer), progress=progress, timer=timer)
         return self._cached_features(video, progress=progress, timer=timer)
@@ -237,7 +242,7 @@ class FreeVideoLLM:
         from .video import read_frames
 
         with timer("decode"):
-            return read_frames(video, self.config.num_frames)
+            return read_frames(video, self.config.num_frames, limits=self.limits)
 
     def _encode(self, frames: Frames, *, progress: bool, timer: _Timer) -> VideoFeatures:
         with timer("guide"):
@@ -275,6 +280,8 @@ class FreeVideoLLM:
         with timer("cache"):
             key = cache.video_key(video)
             pooled, dense, tokens = (cache.get(key, names[k]) for k in ("pooled", "dense", "tokens"))
+        if pooled is not None:  # features decoded under other limits are not served past these
+            self.limits.check_info(pooled.meta.get("info") or {}, shown=os.fspath(video))
         path = os.path.realpath(video)
         if pooled is not None and dense is not None and tokens is not None:
             with timer("cache"):
@@ -357,19 +364,19 @@ class FreeVideoLLM:
                 grid=tuple(features.frame_tokens.shape[1:3]),
             )
 
-    def _prepare(
-        self, video: str | os.PathLike[str], question: str, progress: bool
-    ) -> tuple[str, VideoFeatures, perception.Plan, torch.Tensor, _Timer]:
-        question = check_question(question)
-        timer = _Timer(progress)
-        try:
-            features = self.features(video, progress=progress, timer=timer)
-        finally:
-            timer.close()
+    def _visual_tokens(
+        self, features: VideoFeatures, question: str, timer: _Timer
+    ) -> tuple[perception.Plan, torch.Tensor]:
         plan = self.plan(features, question, timer=timer)
         with timer("perception"):
-            tokens = perception.gather(plan, features.frame_tokens)
-        return question, features, plan, tokens, timer
+            return plan, perception.gather(plan, features.frame_tokens)
+
+    def _features(self, video: str | os.PathLike[str], progress: bool) -> tuple[VideoFeatures, _Timer]:
+        timer = _Timer(progress)
+        try:
+            return self.features(video, progress=progress, timer=timer), timer
+        finally:
+            timer.close()
 
     # -- public API ----------------------------------------------------------------------
 
@@ -387,19 +394,56 @@ class FreeVideoLLM:
         ``on_text`` receives the answer in pieces as the model writes it (for a terminal).
         """
         started = time.perf_counter()
-        question, features, plan, tokens, timer = self._prepare(video, question, progress)
+        question = self.limits.check_question(question)
+        features, timer = self._features(video, progress)
+        result = self.answer(features, question, max_new_tokens=max_new_tokens, on_text=on_text)
+        for stage, seconds in timer.timings.items():
+            result.timings[stage] = result.timings.get(stage, 0.0) + seconds
+        result.timings["total"] = time.perf_counter() - started
+        return result
+
+    def answer(
+        self,
+        features: VideoFeatures,
+        question: str,
+        *,
+        prompt: str | None = None,
+        max_new_tokens: int | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> AskResult:
+        """Answer from features already at hand (see :meth:`features`).
+
+        The guide reads ``question`` to choose frames and regions; the language model reads
+        ``prompt`` when one is given (a question with a conversation's history, say).
+        """
+        started = time.perf_counter()
+        question = self.limits.check_question(question)
+        timer = _Timer()
+        plan, tokens = self._visual_tokens(features, question, timer)
+        text = self.limits.check_question(prompt) if prompt is not None else question
         limit = max_new_tokens or self.max_new_tokens
         if on_text is None:
-            generation = self.answerer.answer(question, tokens, max_new_tokens=limit)
+            generation = self.answerer.answer(text, tokens, max_new_tokens=limit)
         else:
             finished: list[Generation] = []
-            for piece in self.answerer.stream(question, tokens, max_new_tokens=limit, on_finish=finished.append):
+            for piece in self.answerer.stream(text, tokens, max_new_tokens=limit, on_finish=finished.append):
                 on_text(piece)
             generation = finished[0]
         timer.timings["prefill"] = generation.prefill_s
         timer.timings["generate"] = generation.generate_s
         timer.timings["total"] = time.perf_counter() - started
-        return self._result(question, features, plan, generation.text, timer.timings)
+        return AskResult(
+            answer=generation.text,
+            question=question,
+            video=features.path,
+            pathways=provenance(plan, features),
+            num_visual_tokens=plan.num_tokens,
+            timings=timer.timings,
+            cache_hit=features.cache_hit,
+            models=self.models,
+            config=_config_label(self.config),
+            frame_size=features.frame_size,
+        )
 
     async def aask(
         self, video: str | os.PathLike[str], question: str, *, max_new_tokens: int | None = None
@@ -416,30 +460,11 @@ class FreeVideoLLM:
         progress: bool = False,
     ) -> Iterator[str]:
         """Yield the answer in pieces as the model writes it; joined, they equal ``ask``'s answer."""
-        question, _features, _plan, tokens, _timer = self._prepare(video, question, progress)
+        question = self.limits.check_question(question)
+        features, timer = self._features(video, progress)
+        _plan, tokens = self._visual_tokens(features, question, timer)
         yield from self.answerer.stream(
             question, tokens, max_new_tokens=max_new_tokens or self.max_new_tokens
-        )
-
-    def _result(
-        self,
-        question: str,
-        features: VideoFeatures,
-        plan: perception.Plan,
-        answer: str,
-        timings: dict[str, float],
-    ) -> AskResult:
-        return AskResult(
-            answer=answer,
-            question=question,
-            video=features.path,
-            pathways=provenance(plan, features),
-            num_visual_tokens=plan.num_tokens,
-            timings=timings,
-            cache_hit=features.cache_hit,
-            models=self.models,
-            config=_config_label(self.config),
-            frame_size=features.frame_size,
         )
 
 

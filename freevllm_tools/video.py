@@ -56,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -64,6 +65,7 @@ import numpy as np
 
 from .config import sample_frame_indices
 from .errors import InputError, VideoError
+from .limits import DEFAULT_LIMITS, Limits, resolve_limits
 
 __all__ = [
     "BACKENDS",
@@ -195,6 +197,8 @@ class _Index:
     keyframes: tuple[int, ...]  # frame numbers of keyframes
     stored_size: tuple[int, int]  # (width, height) before rotation
     decord_refusal: str | None  # why decord is not tried; None: it may be
+    limits: Limits = DEFAULT_LIMITS  # what the probe was held to; the read is held to it too
+    deadline: float | None = None  # time.monotonic() by which the probe + read must finish
 
 
 @dataclass
@@ -208,25 +212,53 @@ class _Scan:
     first_frame: tuple[int, int, int] | None = None  # (width, height, rotation)
 
 
-def probe(path: str | os.PathLike[str]) -> VideoInfo:
+def probe(path: str | os.PathLike[str], *, limits: Limits | None = None) -> VideoInfo:
     """Read what ``path`` holds: frame count, exact fps, duration, displayed size, rotation.
 
     Demuxes the video stream once (no decoding but its first frame). Raises
     :class:`VideoError` naming the file and the cause for a missing file, a directory, a
-    file that is not a video, one without a video stream, frames, or a decodable frame.
+    file that is not a video, one without a video stream, frames, or a decodable frame, and
+    for a file over one of the ``limits`` (None: the defaults of
+    :class:`~freevllm_tools.limits.Limits`), checked before the work they bound.
     """
-    return _probe(path).info
+    return _probe(path, limits).info
 
 
-def _probe(path: str | os.PathLike[str]) -> _Index:
-    real = _checked_path(path)
-    with _open_container(real) as container:
+def _probe(
+    path: str | os.PathLike[str], limits: Limits | None = None, deadline: float | None = None
+) -> _Index:
+    limits = resolve_limits(limits)
+    real = _checked_path(path, limits)
+    if deadline is None:
+        deadline = limits.deadline()
+    with _open_container(real, limits) as container:
         stream = _video_stream(container, real)
-        scan = _scan_stream(container, stream)
-        return _index(real, container, stream, scan)
+        _check_header(container, stream, real, limits)
+        scan = _scan_stream(container, stream, real, limits, deadline)
+        index = _index(real, container, stream, scan, limits)
+    limits.check_info(index.info)
+    return replace(index, limits=limits, deadline=deadline)
 
 
-def _checked_path(path: str | os.PathLike[str]) -> str:
+def _check_header(container, stream, path: str, limits: Limits) -> None:
+    """Refuse what the headers claim beyond the limits, before a packet is read; make the
+    decoder refuse pictures over ``max_pixels`` before allocating them."""
+    context = stream.codec_context
+    if context.width and context.height:
+        limits.check_pixels(context.width, context.height, shown=path, source="its header claims frames of")
+    seconds = None
+    if stream.duration is not None and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        seconds = container.duration / 1e6
+    if seconds is not None:
+        limits.check_duration(seconds, shown=path, source="its header claims a duration of")
+    if stream.frames:
+        limits.check_frames(stream.frames, shown=path, source="its header claims")
+    context.options = {**(context.options or {}), **limits.ffmpeg_options()}
+
+
+def _checked_path(path: str | os.PathLike[str], limits: Limits = DEFAULT_LIMITS) -> str:
     try:
         name = os.fspath(path)
     except TypeError:
@@ -238,18 +270,21 @@ def _checked_path(path: str | os.PathLike[str]) -> str:
         raise VideoError(f"video {name!r}: is a directory; pass a video file inside it")
     if not os.path.isfile(real):
         raise VideoError(f"video {name!r}: is not a regular file (a device, socket or pipe)")
-    if os.path.getsize(real) == 0:
+    size = os.path.getsize(real)
+    if size == 0:
         raise VideoError(
             f"video {name!r}: the file is empty (0 bytes); re-download or re-export it"
         )
+    limits.check_file_size(size, shown=name)
     return real
 
 
-def _open_container(path: str):
+def _open_container(path: str, limits: Limits | None = None):
     import av
 
+    options = limits.ffmpeg_options() if limits is not None else {}
     try:
-        return av.open(path, mode="r")
+        return av.open(path, mode="r", options=options)
     except PermissionError as exc:
         raise VideoError(f"video {path!r}: cannot be read (permission denied)") from exc
     except (av.error.FFmpegError, OSError, ValueError, UnicodeDecodeError) as exc:
@@ -277,11 +312,22 @@ def _video_stream(container, path: str):
     )
 
 
-def _scan_stream(container, stream) -> _Scan:
-    """Demux every packet of ``stream``; decode only until the first frame comes out."""
+def _scan_stream(
+    container, stream, path: str = "", limits: Limits = DEFAULT_LIMITS, deadline: float | None = None
+) -> _Scan:
+    """Demux every packet of ``stream``; decode only until the first frame comes out.
+
+    Stops with :class:`VideoError` as soon as the packets pass ``limits.max_frames`` or
+    ``limits.max_duration_s``, or the scan runs past ``deadline``.
+    """
     import av
 
     scan = _Scan(pts=[], keyframe_pts=[])
+    max_frames = limits.max_frames
+    max_ticks = None
+    if limits.max_duration_s is not None and stream.time_base:
+        max_ticks = limits.max_duration_s / float(stream.time_base)
+    low = high = None
     try:
         for packet in container.demux(stream):
             if packet.size == 0:  # the flush packet at the end
@@ -291,6 +337,16 @@ def _scan_stream(container, stream) -> _Scan:
                 scan.corrupt_packets += 1
             if not packet.is_discard:
                 _record_packet(scan, packet)
+                count, pts = len(scan.pts), scan.pts[-1]
+                if max_frames is not None and count > max_frames:
+                    limits.check_frames(count, shown=path, source="its stream holds at least")
+                if max_ticks is not None and not scan.has_missing_pts:
+                    low, high = (pts, pts) if low is None else (min(low, pts), max(high, pts))
+                    if high - low > max_ticks:
+                        seconds = (high - low) * float(stream.time_base)
+                        limits.check_duration(seconds, shown=path, source="its frames span at least")
+                if count % 256 == 0:
+                    limits.check_deadline(deadline, shown=path, doing="probing")
             _first_frame(scan, stream, packet)
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         scan.demux_error = _reason(exc)
@@ -322,7 +378,7 @@ def _first_frame(scan: _Scan, stream, packet) -> None:
         scan.first_frame = (frame.width, frame.height, display_rotation(frame.rotation))
 
 
-def _index(path: str, container, stream, scan: _Scan) -> _Index:
+def _index(path: str, container, stream, scan: _Scan, limits: Limits = DEFAULT_LIMITS) -> _Index:
     codec = stream.codec_context.name
     if not scan.pts:
         cause = f"; FFmpeg said: {scan.demux_error}" if scan.demux_error else ""
@@ -332,6 +388,14 @@ def _index(path: str, container, stream, scan: _Scan) -> _Index:
         )
     if scan.first_frame is None:
         cause = scan.decode_error or "the decoder gave no picture"
+        if limits.max_pixels is not None and not stream.codec_context.width:
+            # FFmpeg was told max_pixels: a header claiming more leaves the size unknown (0x0).
+            raise VideoError(
+                f"video {path!r}: no frame of its {codec} stream decodes within the limit of "
+                f"{limits.max_pixels:,} pixels a frame (Limits.max_pixels), and its header gives no "
+                f"size under it ({cause}); the file claims enormous pictures or is corrupt: "
+                "re-encode it smaller, or raise the limit"
+            )
         raise VideoError(
             f"video {path!r}: no frame of its {codec} stream decodes ({cause}); "
             "the file is corrupt or truncated: re-download or re-encode it"
@@ -420,7 +484,11 @@ def _decord_available() -> bool:
 
 
 def read_frames(
-    path: str | os.PathLike[str], num_frames: int = 50, *, backend: str | None = None
+    path: str | os.PathLike[str],
+    num_frames: int = 50,
+    *,
+    backend: str | None = None,
+    limits: Limits | None = None,
 ) -> Frames:
     """Decode ``num_frames`` frames (fewer when the video is shorter), upright RGB.
 
@@ -429,15 +497,18 @@ def read_frames(
     the probe finds the file sane for it, PyAV otherwise and as the fallback), ``"decord"``
     (no fallback) or ``"pyav"``. A stream that breaks part-way gives the frames before the
     break with ``partial=True``; one with no decodable sampled frame raises
-    :class:`VideoError`.
+    :class:`VideoError`, as does a file over one of the ``limits`` (None: the defaults of
+    :class:`~freevllm_tools.limits.Limits`; the time limit covers the probe and the decode).
     """
     if backend is not None and backend not in BACKENDS:
         raise InputError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
     integral = isinstance(num_frames, numbers.Integral) and not isinstance(num_frames, bool)
     if not integral or num_frames < 1:
         raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
-    index = _probe(path)
+    limits = resolve_limits(limits)
+    index = _probe(path, limits)
     targets = sample_frame_indices(index.info.num_frames, int(num_frames))
+    limits.check_decoded(len(targets), index.info.width, index.info.height, shown=index.info.path)
     if _use_decord(index, backend):
         try:
             images = _read_decord(index, targets)
@@ -525,9 +596,10 @@ def _decode_pyav(index: _Index, runs, images, slots, done) -> str | None:
     """Decode ``runs`` into ``images``; the error that stopped decoding, or None."""
     import av
 
-    with _open_container(index.info.path) as container:
+    with _open_container(index.info.path, index.limits) as container:
         stream = container.streams[index.stream_index]
         stream.thread_type = "SLICE"  # never frame threads: an early stop can hang them
+        stream.codec_context.options = index.limits.ffmpeg_options()  # no picture over max_pixels
         try:
             for start, run_targets in runs:
                 _decode_run(container, stream, index, start, run_targets, images, slots, done)
@@ -548,6 +620,7 @@ def _decode_run(container, stream, index: _Index, start, run_targets, images, sl
     wanted, last = set(run_targets), run_targets[-1]
     position, first = 0, True
     for frame in _decoded_frames(container, stream):
+        index.limits.check_deadline(index.deadline, shown=index.info.path, doing="decoding")
         number = _frame_number(frame, index, position, seek)
         if seek and first and number > run_targets[0]:
             raise _LostTrack
@@ -636,6 +709,8 @@ def _read_decord(index: _Index, targets: Sequence[int]) -> np.ndarray:
     info = index.info
     args = {"count": info.num_frames, "indices": [int(t) for t in targets], "chunk": 16}
     timeout = _decord_timeout(index, targets)
+    if index.deadline is not None:  # the rest of Limits.max_decode_s; PyAV then refuses at once
+        timeout = max(0.0, min(timeout, index.deadline - time.monotonic()))
     command = [sys.executable, "-c", _DECORD_WORKER, info.path, json.dumps(args)]
     killed = threading.Event()
     with tempfile.TemporaryFile() as errors:

@@ -1,0 +1,65 @@
+"""What the agents share: the CLI's model flags plus ``--tiny``, loading the pipeline, a folder's library."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+# The CLI's own model flags and loader, so the agents take exactly what `freevllm ask` takes.
+from freevllm_tools.cli import _add_model_options, _check_video, _load_pipeline
+
+__all__ = ["add_model_options", "load_pipeline", "check_video", "open_folder_library", "folder_library_dir"]
+
+check_video = _check_video
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """``freevllm ask``'s model flags, and ``--tiny``."""
+    _add_model_options(parser)
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="use tiny random models instead of --guide/--llm: offline and fast, answers are gibberish",
+    )
+
+
+def load_pipeline(args: argparse.Namespace) -> Any:
+    """The :class:`~freevllm_tools.pipeline.FreeVideoLLM` the flags name (tiny with ``--tiny``)."""
+    if not getattr(args, "tiny", False):
+        return _load_pipeline(args)
+    from freevllm_tools.cache import FeatureCache
+    from freevllm_tools.testing import tiny_free_video_llm
+
+    qa = tiny_free_video_llm(config=args.preset)
+    if not args.no_cache:
+        qa.cache = FeatureCache(args.cache_dir)
+    return qa
+
+
+def folder_library_dir(folder: str | os.PathLike[str]) -> Path:
+    """Where a folder's own library lives unless told otherwise: the user cache, one per folder."""
+    import platformdirs
+
+    digest = hashlib.sha256(os.path.realpath(folder).encode()).hexdigest()[:16]
+    return Path(platformdirs.user_cache_dir("freevllm")) / "folder-libraries" / digest
+
+
+def open_folder_library(
+    folder: str | os.PathLike[str], qa: Any, library_dir: str | os.PathLike[str] | None = None, *, progress: bool = True
+) -> Any:
+    """A :class:`~freevllm_tools.library.VideoLibrary` holding the folder's videos (indexed now;
+    unchanged files are skipped), on the pipeline's guide and feature cache."""
+    from freevllm_tools.errors import InputError
+    from freevllm_tools.library import VideoLibrary
+
+    if not os.path.isdir(folder):
+        raise InputError(f"{folder!r} is not a folder; pass the folder that holds the videos")
+    library = VideoLibrary(library_dir or folder_library_dir(folder), qa.guide, cache=qa.cache if qa.cache is not None else False)
+    report = library.add(os.fspath(folder), progress=progress)
+    if report.failed or report.warnings:
+        print(report, file=sys.stderr)
+    return library
