@@ -277,24 +277,11 @@ def frames_text(result: AskResult) -> str:
     """Per pathway, the frames an answer used: frame number, time, region in pixels."""
     source = result.extra.get("features_from")
     hit = "cache hit" if result.cache_hit else "features computed"
-    lines = [
+    header = (
         f"Frames used for {result.question!r}: {result.num_visual_tokens} visual tokens, "
         f"{hit}" + (f" ({source})" if source else "")
-    ]
-    for name, p in result.pathways.items():
-        if not p.frame_indices:
-            continue
-        lines.append(f"  {name}: {len(p.frame_indices)} frame(s), {p.num_tokens} tokens")
-        if name == "fast":
-            lines.append(
-                f"    whole frames from {min(p.timestamps):.2f}s to {max(p.timestamps):.2f}s, "
-                f"each pooled to {p.grid[0]}x{p.grid[1]} tokens"
-            )
-            continue
-        for index, t, box in zip(p.frame_indices, p.timestamps, p.boxes_px):
-            where = f"region x {box[0]}-{box[2]}, y {box[1]}-{box[3]}" if box else "whole frame"
-            lines.append(f"    frame {index} at {t:.2f}s, {where}")
-    return "\n".join(lines)
+    )
+    return header + "\n" + result.provenance_text()
 
 
 # -- the terminal loop -----------------------------------------------------------------------------

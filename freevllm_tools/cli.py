@@ -63,19 +63,7 @@ def _load_pipeline(args: argparse.Namespace) -> Any:
 
 def print_provenance(result: Any, out: Any = None) -> None:
     """Per pathway: tokens, kept frames with their times and RoI boxes; then the total."""
-    out = out or sys.stdout
-    for name, p in result.pathways.items():
-        if not p.frame_indices:
-            continue
-        print(f"  {name:<6} {p.num_tokens:>5} tokens, {len(p.frame_indices)} frames", file=out)
-        if name == "fast":
-            times = ", ".join(f"{t:.2f}s" for t in p.timestamps)
-            print(f"         at {times}", file=out)
-            continue
-        for index, t, box, box_px in zip(p.frame_indices, p.timestamps, p.boxes, p.boxes_px):
-            where = f" RoI cells {box} = pixels {box_px}" if box else ""
-            print(f"         frame {index:>6} at {t:8.2f}s{where}", file=out)
-    print(f"  visual tokens: {result.num_visual_tokens}", file=out)
+    print(result.provenance_text(), file=out or sys.stdout)
 
 
 def _check_video(path: str) -> None:

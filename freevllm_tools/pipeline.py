@@ -90,6 +90,25 @@ class AskResult:
             parts.append(f"{name} frames at " + ", ".join(spots))
         return "; ".join(parts)
 
+    def provenance_text(self) -> str:
+        """Per pathway: its tokens, and each kept frame with its time and region in pixels."""
+        lines = []
+        for name, p in self.pathways.items():
+            if not p.frame_indices:
+                continue
+            lines.append(f"  {name}: {len(p.frame_indices)} frame(s), {p.num_tokens} tokens")
+            if name == "fast":
+                lines.append(
+                    f"    whole frames from {min(p.timestamps):.2f}s to {max(p.timestamps):.2f}s, "
+                    f"each pooled to {p.grid[0]}x{p.grid[1]} tokens"
+                )
+                continue
+            for index, t, box in zip(p.frame_indices, p.timestamps, p.boxes_px):
+                where = f"region x {box[0]}-{box[2]}, y {box[1]}-{box[3]}" if box else "whole frame"
+                lines.append(f"    frame {index} at {t:.2f}s, {where}")
+        lines.append(f"  visual tokens: {self.num_visual_tokens}")
+        return "\n".join(lines)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
         data = asdict(self)

@@ -53,7 +53,7 @@ def test_ask_streams_text_then_provenance(models, videos, tmp_path, capsys):
     assert main(args) == 0
     first = capsys.readouterr()
     assert first.out.startswith("In the video,")
-    assert "slow" in first.out and "visual tokens:" in first.out and "RoI cells" in first.out
+    assert "slow" in first.out and "visual tokens:" in first.out and "region x" in first.out
     assert "decoding" in first.err.lower() or "%" in first.err  # a progress bar on stderr
     assert main(args) == 0  # second time: from the cache, same answer
     assert capsys.readouterr().out.splitlines()[0] == first.out.splitlines()[0]
