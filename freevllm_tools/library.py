@@ -416,6 +416,10 @@ class _LockTimeout(LibraryError):
     """Another process held the library's write lock for longer than ``lock_timeout``."""
 
 
+class _DamagedFile(LibraryError):
+    """The database file is visibly damaged (truncated) before SQLite is asked."""
+
+
 @dataclass
 class _Features:
     pooled: np.ndarray  # (T, D) float32, L2-normalised
@@ -593,6 +597,9 @@ class VideoLibrary:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
         db = self.path / _DB_NAME
+        problem = _truncation(db)
+        if problem is not None:
+            raise _DamagedFile(f"library database {db} is damaged: {problem}")
         try:
             conn = sqlite3.connect(db, timeout=60.0, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout = 60000")
@@ -1252,9 +1259,24 @@ class VideoLibrary:
             index = FaissFrameIndex.load(file, self.index_kind, dim, **self.index_options)
             if index.ntotal != manifest["count"]:
                 raise LibraryError(f"index holds {index.ntotal} vectors, its manifest says {manifest['count']}")
+            self._check_sample(index, file.name)
             return index, int(manifest["generation"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LibraryError(f"index manifest unreadable: {exc}") from exc
+
+    def _check_sample(self, index: FaissFrameIndex, name: str, count: int = 16) -> None:
+        """A few of the index's vectors against the database's: a file of another library (valid,
+        with a valid manifest, but other frames behind the same ids) is never served."""
+        ids = index.ids()
+        if not len(ids):
+            return
+        sample = [int(i) for i in np.random.default_rng().choice(ids, size=min(count, len(ids)), replace=False)]
+        rows = self._connect().execute(f"SELECT id, embedding FROM frames WHERE id IN ({_marks(sample)})", sample)
+        for frame_id, blob in rows.fetchall():
+            stored = index.vectors([frame_id])
+            if stored is None or not np.allclose(stored[0], np.frombuffer(blob, dtype=np.float32), atol=1e-5):
+                raise LibraryError(f"index file {name} holds another vector for frame {frame_id} than the database "
+                                   "(a file of another library?)")
 
     def _sync(self) -> None:
         """Bring the in-memory index up to the database's state (another process may have written)."""
@@ -1432,7 +1454,10 @@ class VideoLibrary:
                     f"the database is behind its journal (generation {current}, the journal's {logged})"
                 )
             elif logged != current:
-                self._rewrite_journal()
+                try:
+                    self._rewrite_journal()
+                except OSError as exc:  # redundancy only: the database is sound, so opening goes on
+                    logger.warning("library %s: cannot rewrite its journal (%s)", self.path, exc)
 
     def _rewrite_journal(self) -> None:
         """Write the journal afresh from the database (with the write lock held)."""
@@ -1495,34 +1520,46 @@ class VideoLibrary:
             identities = {str(r["video"].get("guide_identity")) for r in records.values()}
             identity = meta.get("guide_identity") or (identities.pop() if len(identities) == 1 else None)
             index = _intact_index(self.path, identity, meta.get("dim"))
-            kept, frames, dropped = 0, 0, []
+            kept, frames, dim, dropped = 0, 0, None, []
+            restored_all = {video_id: self._restore_frames(records[video_id], old, index) for video_id in records}
             with self._transaction() as conn:
-                for video_id in sorted(records):
-                    video, restored = records[video_id]["video"], self._restore_frames(records[video_id], old, index)
+                for table in ("videos", "frames"):  # ids are never reused, not even lost ones
+                    floor = max(journal.max_ids[table], int(old.meta.get(f"seq:{table}", 0)),
+                                _manifest_max_id(self.path) if table == "frames" else 0)
+                    conn.execute("INSERT OR IGNORE INTO sqlite_sequence (name, seq) VALUES (?, 0)", (table,))
+                    conn.execute("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = ?", (floor, table))
+                # frames that keep their ids first; those given new ids (from the cache) after them
+                order = sorted(records, key=lambda v: (restored_all[v] is not None and None in restored_all[v][0], v))
+                for video_id in order:
+                    video, restored = records[video_id]["video"], restored_all[video_id]
                     columns = [c for c in ("id", "path", *_ROW_FIELDS) if c in video]
                     if restored is None or len(columns) != 2 + len(_ROW_FIELDS):
                         dropped.append(str(video.get("path")))
                         continue
                     ids, indices, timestamps, vectors = restored
-                    conn.execute(
-                        f"INSERT INTO videos ({', '.join(columns)}) VALUES ({_marks(columns)})",
-                        [video[c] for c in columns],
-                    )
-                    conn.execute("UPDATE videos SET indexed_frames = ? WHERE id = ?", (len(vectors), video["id"]))
-                    conn.executemany(
-                        "INSERT INTO frames (id, video_id, position, frame_index, timestamp, embedding) "
-                        "VALUES (?, ?, ?, ?, ?, ?)",
-                        [(ids[n], video["id"], n, int(indices[n]), float(timestamps[n]), vectors[n].tobytes())
-                         for n in range(len(vectors))],
-                    )
-                    kept, frames = kept + 1, frames + len(vectors)
-                for table in ("videos", "frames"):  # ids are never reused, not even lost ones
-                    floor = max(journal.max_ids[table], int(old.meta.get(f"seq:{table}", 0)))
-                    conn.execute("INSERT OR IGNORE INTO sqlite_sequence (name, seq) VALUES (?, 0)", (table,))
-                    conn.execute("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = ?", (floor, table))
-                if kept:  # what the first commit records, in case the old meta did not read
+                    conn.execute("SAVEPOINT video")
+                    try:
+                        conn.execute(
+                            f"INSERT INTO videos ({', '.join(columns)}) VALUES ({_marks(columns)})",
+                            [video[c] for c in columns],
+                        )
+                        conn.execute("UPDATE videos SET indexed_frames = ? WHERE id = ?", (len(vectors), video["id"]))
+                        conn.executemany(
+                            "INSERT INTO frames (id, video_id, position, frame_index, timestamp, embedding) "
+                            "VALUES (?, ?, ?, ?, ?, ?)",
+                            [(ids[n], video["id"], n, int(indices[n]), float(timestamps[n]), vectors[n].tobytes())
+                             for n in range(len(vectors))],
+                        )
+                    except sqlite3.Error:  # a garbled record (a path or an id twice): not restored
+                        conn.execute("ROLLBACK TO video")
+                        dropped.append(str(video.get("path")))
+                        continue
+                    finally:
+                        conn.execute("RELEASE video")
+                    kept, frames, dim = kept + 1, frames + len(vectors), int(vectors.shape[1])
+                if kept and identity:  # what the first commit records, in case the old meta did not read
                     conn.execute("INSERT OR IGNORE INTO meta VALUES ('guide_identity', ?)", (identity,))
-                    conn.execute("INSERT OR IGNORE INTO meta VALUES ('dim', ?)", (str(vectors.shape[1]),))
+                    conn.execute("INSERT OR IGNORE INTO meta VALUES ('dim', ?)", (str(dim),))
                 generation = max(journal.generation or 0, old.generation) + 1
                 conn.execute("INSERT OR REPLACE INTO meta VALUES ('generation', ?)", (str(generation),))
         finally:
@@ -1682,10 +1719,36 @@ _ROW_FIELDS = (
 )
 
 
+def _truncation(db: Path) -> str | None:
+    """Why the SQLite file at ``db`` is visibly truncated (None: it is not, or is not SQLite's).
+
+    A sound file is a whole number of pages, at least as many as its header counts; SQLite itself
+    rounds a cut-off last page up and reads the missing bytes as zeros.
+    """
+    try:
+        size = db.stat().st_size
+        with open(db, "rb") as handle:
+            header = handle.read(100)
+    except OSError:
+        return None
+    if size == 0 or len(header) < 100 or not header.startswith(b"SQLite format 3\x00"):
+        return None  # new, or not a database at all (SQLite says so)
+    page = int.from_bytes(header[16:18], "big")
+    page = 65536 if page == 1 else page
+    if page < 512 or size % page:
+        return f"its {size:,} bytes are not a whole number of {page}-byte pages (truncated)"
+    counted = int.from_bytes(header[28:32], "big")
+    if header[24:28] == header[92:96] and size < counted * page:
+        return f"it holds {size // page:,} of the {counted:,} pages its header counts (truncated)"
+    return None
+
+
 def _damage(exc: BaseException | None) -> str | None:
     """SQLite's words when ``exc`` (or what caused it) says the database file is damaged, else None."""
     seen = 0
     while exc is not None and seen < 8:
+        if isinstance(exc, _DamagedFile):
+            return str(exc).split(" is damaged: ", 1)[-1]
         if isinstance(exc, sqlite3.DatabaseError):
             text = str(exc)
             if getattr(exc, "sqlite_errorcode", None) in (11, 26) or "malformed" in text or "not a database" in text:
@@ -1759,10 +1822,20 @@ def _journal_generation(path: Path) -> int | None:
             tail = handle.read()
     except FileNotFoundError:
         return None
+    if not tail.endswith(b"\n"):
+        return None  # a torn last line: the write it was part of may be missing; rewrite the journal
     for raw in reversed(tail.splitlines()):
         with contextlib.suppress(ValueError, KeyError, TypeError):
             return int(json.loads(raw)["gen"])
     return _read_journal(path).generation if size > 65536 else None
+
+
+def _manifest_max_id(folder: Path) -> int:
+    """The largest frame id the last saved index held (0 when the manifest does not read)."""
+    try:
+        return int(json.loads((folder / _MANIFEST).read_text("utf-8"))["max_id"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _intact_index(folder: Path, identity: str | None, dim: Any) -> FaissFrameIndex | None:
@@ -1836,6 +1909,10 @@ class _Salvage:
             frames = self._rows(
                 "SELECT id, frame_index, timestamp FROM frames WHERE video_id = ? ORDER BY position", (video_id,)
             )
+            if len(frames) != video["indexed_frames"]:  # the index is damaged: scan the table itself
+                rows = self._rows("SELECT position, id, frame_index, timestamp FROM frames NOT INDEXED WHERE video_id = ?",
+                                  (video_id,))
+                frames = [r[1:] for r in sorted(rows)]
             whole = len(frames) == video["indexed_frames"]
             out[int(video_id)] = {"video": video, "frames": {
                 "ids": [f[0] for f in frames] if whole else None,

@@ -37,6 +37,14 @@ How a file is read, and why the process never crashes on a bad one
 
 With decord missing (aarch64, Python 3.13), PyAV alone serves everything.
 
+Every probe and read is held to a :class:`~freevllm_tools.limits.Limits` (``limits=``; None:
+the defaults) before the work each bound covers: the file size before opening; FFmpeg's own
+``max_pixels`` for its stream probing and every decoder (a header claiming a 16000x12000 PNG
+is refused before the picture is allocated); the header's size, duration and frame count
+before the packet scan; packets and their times during it; the bytes of the frames asked for
+before decoding; and one wall-clock budget across the probe and the decode (the decord child's
+time-out included).
+
 Timestamps are the container's presentation timestamps, ``(pts - start) * time_base`` in
 integer arithmetic per frame (no accumulated drift at 24000/1001 fps), so they are the same
 whichever backend decoded the frames. Rotation is taken from the display matrix and applied
