@@ -19,6 +19,7 @@ from .errors import (
     ModelError,
     VideoError,
 )
+from .limits import Limits
 
 __version__ = "0.1.0"
 
@@ -66,6 +67,7 @@ __all__ = [
     "LibraryError",
     "ModelError",
     "VideoError",
+    "Limits",
     "Pathway",
     "PerceptionConfig",
     *_LAZY,

@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .errors import FreeVideoError, InputError
-from .security import check_question
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import AskResult, FreeVideoLLM, VideoFeatures
@@ -184,7 +183,7 @@ class ChatSession:
         Drops the oldest turns while the prompt, ``num_visual_tokens`` and the answer's new tokens
         would not fit the answerer's context.
         """
-        question = check_question(question)
+        question = self.qa.limits.check_question(question)
         answerer = self.qa.answerer
         limit = getattr(answerer, "max_context", None)
         new_tokens = self.max_new_tokens or getattr(self.qa, "max_new_tokens", 128)
@@ -213,7 +212,7 @@ class ChatSession:
 
         A turn that fails or is interrupted is not remembered.
         """
-        question = check_question(question)
+        question = self.qa.limits.check_question(question)
         with self._lock:
             started = time.perf_counter()
             features = self.load(progress=progress)
@@ -268,7 +267,7 @@ class ChatSession:
 
         if not self.turns:
             raise InputError("no answer yet: ask a question before drawing its contact sheet")
-        frames = read_frames(self.video, self.qa.config.num_frames)
+        frames = read_frames(self.video, self.qa.config.num_frames, limits=self.qa.limits)
         images = {int(i): image for i, image in zip(frames.indices, frames.images)}
         return save_contact_sheet(self.last, images, path, **kwargs)
 

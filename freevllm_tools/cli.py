@@ -99,7 +99,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     _check_video(args.video)
     qa = _load_pipeline(args)
     result = qa.ask(args.video, args.question, max_new_tokens=args.max_new_tokens, progress=True)
-    frames = read_frames(args.video, qa.config.num_frames)
+    frames = read_frames(args.video, qa.config.num_frames, limits=qa.limits)
     images = {int(i): image for i, image in zip(frames.indices, frames.images)}
     path = save_contact_sheet(result, images, args.out)
     print(f"Answer: {result.answer}")
