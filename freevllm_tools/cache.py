@@ -437,6 +437,8 @@ class FeatureCache:
             )
             raise LibraryError(msg) from exc
         self._lock = threading.RLock()
+        self.repairs: list[str] = []
+        """What opening had to fix: a damaged database is set aside and the cache starts empty."""
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
         self._connect()
@@ -451,6 +453,26 @@ class FeatureCache:
     def _connect(self) -> sqlite3.Connection:
         if self._conn is not None and self._pid == os.getpid():
             return self._conn
+        try:
+            return self._open_database()
+        except LibraryError as exc:
+            cause = exc.__cause__
+            if not isinstance(cause, sqlite3.DatabaseError) or isinstance(cause, sqlite3.OperationalError):
+                raise
+        # A cache holds nothing that cannot be computed again: set the damaged one aside.
+        self._set_aside(f"the database is damaged ({cause})")
+        return self._open_database()
+
+    def _set_aside(self, reason: str) -> None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for path in (self.db_path, Path(f"{self.db_path}-wal"), Path(f"{self.db_path}-shm"), self._blobs):
+            if path.exists():
+                os.replace(path, path.with_name(f"{path.name}.damaged-{stamp}"))
+        self._blobs.mkdir(parents=True, exist_ok=True)
+        self.repairs.append(reason)
+        logger.warning("feature cache %s: %s; set aside, starting empty", self.root, reason)
+
+    def _open_database(self) -> sqlite3.Connection:
         # A connection made before a fork must not be used in the child: open a new one.
         try:
             conn = sqlite3.connect(

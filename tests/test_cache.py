@@ -297,3 +297,25 @@ def test_two_processes_share_one_cache(tmp_path):
     for info in entries:  # every published entry is complete on disk
         assert cache.get(info.video_key, info.name) is not None
     assert len(list((root / "blobs").rglob("*.npy"))) == 10
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_damaged_cache_database_is_set_aside_and_the_cache_works(tmp_path, damage):
+    root = tmp_path / "cache"
+    cache = FeatureCache(root)
+    key = "0" * 40
+    for i in range(30):
+        cache.put(key, feature_name("guide-dense", "m", frames=i), {"x": np.ones((64, 64), np.float32)})
+    cache.close()
+    db = root / "cache.sqlite"
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    data = db.read_bytes()
+    db.write_bytes(os.urandom(len(data)) if damage == "garbage" else data[: len(data) // 3])
+    reopened = FeatureCache(root)
+    name = feature_name("guide-dense", "m", frames=1)
+    assert "damaged" in reopened.repairs[0]
+    assert list(root.glob("cache.sqlite.damaged-*"))
+    assert reopened.get(key, name) is None  # an empty, working cache
+    reopened.put(key, name, {"x": np.zeros(3, np.float32)})
+    assert reopened.get(key, name).array("x").tolist() == [0.0, 0.0, 0.0]
