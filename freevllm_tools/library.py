@@ -52,15 +52,17 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .cache import GUIDE_POOLED, FeatureCache, feature_name, hash_file, jsonable
 from .errors import FreeVideoError, InputError, LibraryError
+from .frame_index import INDEX_KINDS, FaissFrameIndex, FrameIndex, make_frame_index
 from .limits import Limits, resolve_limits
+from .moments import AddReport, IndexRepair, Moment, VideoRecord, format_moments
 
 if TYPE_CHECKING:  # pragma: no cover
     from .guide import ClipGuide
@@ -95,7 +97,6 @@ _JOURNAL = "videos.jsonl"
 _SQL_CHUNK = 900
 _SAVE_EVERY_S = 30.0
 _SAVE_EACH_BELOW_BYTES = 64 * 1024**2
-_INDEX_KINDS = ("flat", "hnsw")
 
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -118,295 +119,6 @@ _SCHEMA = (
         embedding BLOB NOT NULL,
         UNIQUE (video_id, position))""",
 )
-
-
-# -- records ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Moment:
-    """A span of one video that matches a query.
-
-    ``start``/``end`` bound the segments the matching sampled frames stand for: from halfway
-    to the previous sampled frame (or 0) to halfway to the next one (or the video's end).
-    """
-
-    video_id: int
-    """The video's id in the library (stable across restarts)."""
-    path: str
-    """The video file's real path."""
-    start: float
-    """Seconds."""
-    end: float
-    """Seconds."""
-    score: float
-    """Best frame score in the moment: cosine similarity of frame and query embeddings."""
-    frame_indices: tuple[int, ...]
-    """Frame numbers in the video of the matching sampled frames, in time order."""
-    timestamps: tuple[float, ...]
-    """Their presentation times, seconds."""
-    frame_scores: tuple[float, ...]
-    """Their scores."""
-    frame_ids: tuple[int, ...] = ()
-    """Their ids in the library's frame index."""
-
-    @property
-    def duration(self) -> float:
-        return self.end - self.start
-
-    @property
-    def name(self) -> str:
-        """The video's file name."""
-        return os.path.basename(self.path)
-
-    @property
-    def best_timestamp(self) -> float:
-        """Time of the best-scoring frame: where to jump to."""
-        return self.timestamps[int(np.argmax(self.frame_scores))]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable form (tuples become lists)."""
-        data = asdict(self)
-        for key in ("frame_indices", "timestamps", "frame_scores", "frame_ids"):
-            data[key] = list(data[key])
-        return data
-
-    def __str__(self) -> str:
-        return f"{self.name} {_clock(self.start)}-{_clock(self.end)} (score {self.score:.3f})"
-
-
-@dataclass(frozen=True)
-class VideoRecord:
-    """One indexed video."""
-
-    id: int
-    path: str
-    content_key: str
-    """Content hash of the file (the feature cache's video key)."""
-    duration: float
-    """Seconds."""
-    num_frames: int
-    """Frames in the video."""
-    fps: float
-    width: int
-    """As displayed."""
-    height: int
-    indexed_frames: int
-    """Sampled frames in the index."""
-    guide_identity: str
-    partial: bool
-    """Decoding stopped early: only the frames before a broken one are indexed."""
-    added_at: float
-    """Unix time the video was (last) indexed."""
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """``(width, height)`` as displayed."""
-        return (self.width, self.height)
-
-    @property
-    def name(self) -> str:
-        return os.path.basename(self.path)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class AddReport:
-    """What :meth:`VideoLibrary.add` did, file by file."""
-
-    added: list[str] = field(default_factory=list)
-    """New videos indexed."""
-    updated: list[str] = field(default_factory=list)
-    """Videos whose file (or the guide, or the sampling) changed: re-indexed."""
-    skipped: list[str] = field(default_factory=list)
-    """Unchanged videos: nothing done."""
-    moved: list[tuple[str, str]] = field(default_factory=list)
-    """``(old path, new path)``: an indexed file found under a new name (its ids are kept)."""
-    failed: list[tuple[str, str]] = field(default_factory=list)
-    """``(path, reason)`` of files that could not be indexed."""
-    warnings: list[tuple[str, str]] = field(default_factory=list)
-    """``(path, message)``: indexed, with a caveat (e.g. decoding stopped early)."""
-    frames_added: int = 0
-    """Frames put in the index."""
-    cache_hits: int = 0
-    """Videos whose embeddings came from the feature cache or the library (no decode)."""
-
-    @property
-    def ok(self) -> bool:
-        """No file failed."""
-        return not self.failed
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        parts = [
-            f"{len(self.added)} added",
-            f"{len(self.updated)} updated",
-            f"{len(self.skipped)} unchanged",
-        ]
-        if self.moved:
-            parts.append(f"{len(self.moved)} moved")
-        parts.append(f"{len(self.failed)} failed")
-        lines = [", ".join(parts) + f" ({self.frames_added} frames indexed)"]
-        lines += [f"  failed: {path}: {reason}" for path, reason in self.failed]
-        lines += [f"  warning: {path}: {message}" for path, message in self.warnings]
-        return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class IndexRepair:
-    """A repair of the frame index found necessary when the library was opened."""
-
-    reason: str
-    action: str
-    """``"rebuilt"`` (from SQLite), ``"caught up"`` (missing vectors added, extra removed), or
-    ``"database rebuilt"`` (a damaged database rebuilt from the journal)."""
-    vectors: int
-    """Vectors in the index afterwards (frames in the database, for a database repair)."""
-    dropped: tuple[str, ...] = ()
-    """Paths of videos a database repair could not restore: add them again to re-index them."""
-
-
-# -- the frame index -------------------------------------------------------------------------
-
-
-@runtime_checkable
-class FrameIndex(Protocol):
-    """Vectors by integer id, searched by inner product: what the library needs of an index.
-
-    :class:`FaissFrameIndex` is the embedded default; a vector database client with these
-    methods can take its place (``VideoLibrary(..., index=my_index)``). Vectors are
-    L2-normalised float32 ``(N, dim)``; ids are int64 and never reused by the library.
-    """
-
-    kind: str
-    dim: int
-    supports_remove: bool
-
-    @property
-    def ntotal(self) -> int: ...
-
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None: ...
-
-    def remove(self, ids: np.ndarray) -> None: ...
-
-    def search(
-        self, vectors: np.ndarray, k: int, *, allowed_ids: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """``(scores (Q, k), ids (Q, k))``, best first; missing results have id -1."""
-        ...
-
-    def ids(self) -> np.ndarray: ...
-
-
-class FaissFrameIndex:
-    """A FAISS ``IndexIDMap2`` over an exact inner-product index (``"flat"``) or HNSW (``"hnsw"``).
-
-    HNSW cannot remove vectors: ``supports_remove`` is False and the library rebuilds it
-    from SQLite instead. ``options``: ``m`` (HNSW links per node, 32), ``ef_construction``
-    (200), ``ef_search`` (128, raised to ``k`` when smaller).
-    """
-
-    def __init__(self, kind: str, dim: int, *, index: Any = None, **options: Any) -> None:
-        import faiss
-
-        if kind not in _INDEX_KINDS:
-            raise InputError(f"index must be one of {_INDEX_KINDS} (or a FrameIndex object), got {kind!r}")
-        if dim < 1:
-            raise InputError(f"index dimension must be positive, got {dim}")
-        unknown = set(options) - {"m", "ef_construction", "ef_search"}
-        if unknown:
-            raise InputError(f"unknown index options {sorted(unknown)}; expected m, ef_construction, ef_search")
-        self.kind, self.dim = kind, dim
-        self.options = {"m": 32, "ef_construction": 200, "ef_search": 128, **options} if kind == "hnsw" else {}
-        self.supports_remove = kind == "flat"
-        if index is None:
-            if kind == "flat":
-                inner = faiss.IndexFlatIP(dim)
-            else:
-                inner = faiss.IndexHNSWFlat(dim, int(self.options["m"]), faiss.METRIC_INNER_PRODUCT)
-                inner.hnsw.efConstruction = int(self.options["ef_construction"])
-            index = faiss.IndexIDMap2(inner)
-        self._index = index
-
-    @property
-    def ntotal(self) -> int:
-        return int(self._index.ntotal)
-
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.dim)
-        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids):
-            self._index.add_with_ids(vectors, ids)
-
-    def remove(self, ids: np.ndarray) -> None:
-        if not self.supports_remove:
-            raise NotImplementedError(f"a {self.kind} index cannot remove vectors; rebuild it")
-        ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-        if len(ids):
-            self._index.remove_ids(ids)
-
-    def search(
-        self, vectors: np.ndarray, k: int, *, allowed_ids: np.ndarray | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        import faiss
-
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1, self.dim)
-        params = None
-        if self.kind == "hnsw":
-            params = faiss.SearchParametersHNSW()
-            params.efSearch = max(int(self.options["ef_search"]), k)
-        if allowed_ids is not None:
-            selector = faiss.IDSelectorBatch(np.ascontiguousarray(allowed_ids, dtype=np.int64))
-            params = params or faiss.SearchParameters()
-            params.sel = selector
-        if params is None:
-            return self._index.search(vectors, k)
-        return self._index.search(vectors, k, params=params)
-
-    def ids(self) -> np.ndarray:
-        import faiss
-
-        return faiss.vector_to_array(self._index.id_map).astype(np.int64)
-
-    def vectors(self, ids: Sequence[int]) -> np.ndarray | None:
-        """The stored vectors of ``ids`` ``(N, dim)``, or None when one of them is missing."""
-        try:
-            rows = [self._index.reconstruct(int(i)) for i in ids]
-        except RuntimeError:  # an id the index does not hold
-            return None
-        return np.asarray(rows, dtype=np.float32).reshape(-1, self.dim)
-
-    def save(self, path: Path) -> None:
-        """Write the index to ``path`` (the caller renames it into place)."""
-        import faiss
-
-        faiss.write_index(self._index, os.fspath(path))
-
-    @classmethod
-    def load(cls, path: Path, kind: str, dim: int, **options: Any) -> FaissFrameIndex:
-        """Read an index written by :meth:`save`; LibraryError when it is not one of ours."""
-        import faiss
-
-        try:
-            index = faiss.read_index(os.fspath(path))
-        except Exception as exc:  # faiss raises RuntimeError for any damage
-            raise LibraryError(f"cannot read frame index {path}: {exc}") from exc
-        if not isinstance(index, faiss.IndexIDMap2) or index.d != dim:
-            raise LibraryError(f"frame index {path} is not an id-mapped index of dimension {dim}")
-        inner = faiss.downcast_index(index.index)  # read_index already gives the outer type
-        expected = faiss.IndexFlatIP if kind == "flat" else faiss.IndexHNSWFlat
-        if not isinstance(inner, expected):
-            raise LibraryError(f"frame index {path} holds a {type(inner).__name__}, expected a {kind} index")
-        return cls(kind, dim, index=index, **options)
-
-
-def make_frame_index(kind: str, dim: int, **options: Any) -> FaissFrameIndex:
-    """A new, empty FAISS frame index: ``"flat"`` (exact) or ``"hnsw"`` (approximate)."""
-    return FaissFrameIndex(kind, dim, **options)
 
 
 # -- the library -----------------------------------------------------------------------------
@@ -539,8 +251,8 @@ class VideoLibrary:
         kind = stored.get("index_kind", "flat")
         options = json.loads(stored.get("index_options", "{}"))
         if isinstance(index, str):
-            if index not in _INDEX_KINDS:
-                raise InputError(f"index must be one of {_INDEX_KINDS} or a FrameIndex object, got {index!r}")
+            if index not in INDEX_KINDS:
+                raise InputError(f"index must be one of {INDEX_KINDS} or a FrameIndex object, got {index!r}")
             if index != kind:
                 options = {}
             kind = index
@@ -1928,12 +1640,6 @@ class _Salvage:
         self.conn = None
 
 
-def _clock(seconds: float) -> str:
-    minutes, secs = divmod(max(0.0, seconds), 60.0)
-    hours, minutes = divmod(int(minutes), 60)
-    return f"{hours}:{minutes:02d}:{secs:04.1f}" if hours else f"{minutes}:{secs:04.1f}"
-
-
 def default_library_dir() -> Path:
     """``FREEVLLM_LIBRARY`` when set, else ``library`` in the platform's user data directory."""
     env = os.environ.get("FREEVLLM_LIBRARY")
@@ -1942,24 +1648,3 @@ def default_library_dir() -> Path:
     import platformdirs
 
     return Path(platformdirs.user_data_dir("freevllm")) / "library"
-
-
-def format_moments(moments: Sequence[Moment], *, as_json: bool = False) -> str:
-    """Moments as a text table (video, start-end, score) or, with ``as_json``, a JSON list.
-
-    The table is what a CLI prints and what a tool returns to an LLM: it carries the times.
-    """
-    if as_json:
-        return json.dumps([m.to_dict() for m in moments], indent=2)
-    if not moments:
-        return "no matching moments"
-    names = [m.name for m in moments]
-    spans = [f"{_clock(m.start)}-{_clock(m.end)}" for m in moments]
-    width_name = max(5, *(len(n) for n in names))
-    width_span = max(10, *(len(s) for s in spans))
-    lines = [f"{'#':>2}  {'video':<{width_name}}  {'start-end':<{width_span}}  score  id"]
-    for rank, (moment, name, span) in enumerate(zip(moments, names, spans), 1):
-        lines.append(
-            f"{rank:>2}  {name:<{width_name}}  {span:<{width_span}}  {moment.score:.3f}  {moment.video_id}"
-        )
-    return "\n".join(lines)
