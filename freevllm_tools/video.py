@@ -11,7 +11,10 @@ How a file is read, and why the process never crashes on a bad one
    presentation timestamp, keyframe positions), and decodes only the first frame (that the
    stream decodes at all, its display rotation and stored size). Cost: reading the file
    once, about 5 ms for the shared test clips and 90 ms for a 7 MB, 900-frame 720p file.
-2. **decord in a killable subprocess.** decord aborts or segfaults on some corrupt
+2. **PyAV decode, in-process, by default** (see 3): measured fastest (docs/benchmarks.md,
+   table 2). decord is there on request, ``backend="auto"`` (decord when the probe finds the
+   file sane, PyAV otherwise) or ``backend="decord"``, and then always in a sandbox:
+   **decord in a killable subprocess.** decord aborts or segfaults on some corrupt
    H.264/HEVC streams and hangs, holding the GIL, when a container over-reports its frame
    count; no ``except`` or thread time-out helps in-process. So decord only ever runs in a
    child ``python -c`` process that imports nothing but decord and numpy, refuses to
@@ -26,7 +29,7 @@ How a file is read, and why the process never crashes on a bad one
    0.13 s of it; the rest is decord's open and exit and the copy through the pipe); for
    the 50 frames of the shared clips that makes decord-in-a-sandbox 0.3-0.4 s against
    0.01-0.13 s for PyAV in-process, which decodes as fast as decord does in-process.
-3. **PyAV decode, in-process**, for everything else: sequentially from the first frame,
+3. **PyAV decode, in-process**, for the default and whatever decord leaves: sequentially from the first frame,
    seeking to the keyframe before a sampled frame only when that skips frames (long
    videos), identifying frames by their timestamp (by their position in a stream without
    usable timestamps, where it never seeks).
@@ -91,6 +94,10 @@ logger = logging.getLogger(__name__)
 
 #: Backends :func:`read_frames` accepts; ``None`` picks decord when safe, else PyAV.
 BACKENDS = ("decord", "pyav")
+#: What ``read_frames`` uses unless told otherwise: PyAV in-process, seeking to keyframes. It is
+#: the fastest measured here (docs/benchmarks.md, table 2: 1.4x the sandboxed decord on a
+#: 10-minute 720p video, a quarter of in-process decord's memory) and needs no child process.
+DEFAULT_BACKEND = "pyav"
 
 #: Codecs (FFmpeg names) whose files are handed to decord; others go to PyAV.
 DECORD_CODECS = frozenset({"h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video", "mjpeg"})
@@ -422,7 +429,7 @@ def _index(path: str, container, stream, scan: _Scan, limits: Limits = DEFAULT_L
         height=height,
         rotation=rotation,
         codec=codec,
-        backend="decord" if refusal is None and _decord_available() else "pyav",
+        backend=DEFAULT_BACKEND,
         size_bytes=os.path.getsize(path),
     )
     return _Index(info, stream.index, pts, timestamps, keyframes, (stored_w, stored_h), refusal)
@@ -501,15 +508,15 @@ def read_frames(
     """Decode ``num_frames`` frames (fewer when the video is shorter), upright RGB.
 
     Frame ``i`` is the middle of segment ``i`` of ``num_frames`` equal segments
-    (:func:`config.sample_frame_indices`). ``backend``: ``None`` (decord in a sandbox when
-    the probe finds the file sane for it, PyAV otherwise and as the fallback), ``"decord"``
-    (no fallback) or ``"pyav"``. A stream that breaks part-way gives the frames before the
+    (:func:`config.sample_frame_indices`). ``backend``: ``None`` or ``"pyav"`` (PyAV
+    in-process, the fastest here), ``"auto"`` (decord in a sandbox when the probe finds the
+    file sane for it, PyAV otherwise and as the fallback) or ``"decord"`` (no fallback). A stream that breaks part-way gives the frames before the
     break with ``partial=True``; one with no decodable sampled frame raises
     :class:`VideoError`, as does a file over one of the ``limits`` (None: the defaults of
     :class:`~freevllm_tools.limits.Limits`; the time limit covers the probe and the decode).
     """
-    if backend is not None and backend not in BACKENDS:
-        raise InputError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if backend is not None and backend not in (*BACKENDS, "auto"):
+        raise InputError(f"backend must be one of {(*BACKENDS, 'auto')} or None, got {backend!r}")
     integral = isinstance(num_frames, numbers.Integral) and not isinstance(num_frames, bool)
     if not integral or num_frames < 1:
         raise InputError(f"num_frames must be a positive integer, got {num_frames!r}")
@@ -525,7 +532,7 @@ def read_frames(
             if backend == "decord":
                 raise VideoError(
                     f"video {index.info.path!r}: decord could not decode it ({exc}); "
-                    "use backend='pyav' or backend=None"
+                    "use backend='pyav' (the default)"
                 ) from None
             logger.warning("decord failed on %s (%s); decoding with PyAV", index.info.path, exc)
     images, decoded, error = _read_pyav(index, targets)
@@ -533,7 +540,7 @@ def read_frames(
 
 
 def _use_decord(index: _Index, backend: str | None) -> bool:
-    if backend == "pyav":
+    if backend in (None, "pyav"):
         return False
     if backend == "decord":
         if not _decord_available():
