@@ -516,7 +516,9 @@ def gather(plan: Plan, frame_tokens: torch.Tensor) -> torch.Tensor:
         if len(p.boxes) != len(p.frames):
             msg = f"pathway {p.name!r} has {len(p.boxes)} boxes for {len(p.frames)} frames"
             raise ModelError(msg)
-        pooled = pool_tokens(frame_tokens[p.frames], p.pooling, p.output_grid)
+        # A pathway that keeps every frame (the fast one) pools them in place: no copy.
+        chosen = frame_tokens if p.frames == list(range(t)) else frame_tokens[p.frames]
+        pooled = pool_tokens(chosen, p.pooling, p.output_grid)
         if tuple(pooled.shape[1:3]) != tuple(p.grid):
             msg = (
                 f"pathway {p.name!r}: pooled frame tokens are {tuple(pooled.shape[1:3])}, "
