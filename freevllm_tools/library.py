@@ -52,6 +52,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,7 @@ from .moments import AddReport, IndexRepair, Moment, VideoRecord, format_moments
 
 if TYPE_CHECKING:  # pragma: no cover
     from .guide import ClipGuide
+    from .video import Frames
 
 __all__ = [
     "VideoLibrary",
@@ -206,6 +208,7 @@ class VideoLibrary:
         self._custom_index = index is not None and not isinstance(index, str)
         self._generation = -1
         self._dirty = False
+        self._decoding: dict[str, Future[tuple[int, Frames]]] = {}
         self._last_save = time.monotonic()
         self._open((num_frames, frames_per_second, max_frames, index, index_options))
 
@@ -463,9 +466,15 @@ class VideoLibrary:
         from tqdm.auto import tqdm
 
         bar = tqdm(files, desc="indexing", unit="video", disable=not progress)
+        # Decoding the next file overlaps with embedding the current one (one worker thread),
+        # so the encoder, not the decoder, sets the pace; see docs/benchmarks.md, table 3.
+        prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="freevllm-decode")
+        self._decoding = {}
         try:
-            for file in bar:
+            for position, file in enumerate(bar):
                 bar.set_postfix_str(os.path.basename(file)[-40:], refresh=False)
+                if position + 1 < len(files):
+                    self._prefetch(prefetch, files[position + 1])
                 try:
                     self._add_one(file, report)
                 except _LockTimeout:
@@ -477,6 +486,10 @@ class VideoLibrary:
                     report.failed.append((file, f"{type(exc).__name__}: {exc}"))
         finally:
             bar.close()
+            for future in self._decoding.values():
+                future.cancel()
+            prefetch.shutdown(wait=True)
+            self._decoding = {}
             if self._dirty:
                 with self._write_lock():
                     self._sync()
@@ -591,14 +604,7 @@ class VideoLibrary:
         if known is not None:
             self.limits.check_info(known.info, shown=real)
             return known
-        from .video import probe, read_frames
-
-        info = None
-        if self.sampling["frames_per_second"]:
-            info = probe(real, limits=self.limits)  # the frame count depends on the duration
-            count = self.frames_for(float(info.duration))
-        else:
-            count = self.frames_for(0.0)
+        info, count = self._sample_count(real)
         name = feature_name(GUIDE_POOLED, identity, frames=count)
         if self.cache is not None:
             entry = self.cache.get(content_key, name)
@@ -609,11 +615,11 @@ class VideoLibrary:
                     _normalise(entry.array("pooled")),
                     entry.array("indices").astype(np.int64),
                     entry.array("timestamps").astype(np.float64),
-                    dict(meta.get("info") or jsonable(info or probe(real))),
+                    dict(meta.get("info") or jsonable(info or self._probe(real))),
                     bool(meta.get("partial", False)),
                     True,
                 )
-        frames = read_frames(real, count, limits=self.limits)
+        frames = self._decoded(real, count)
         pooled_np = _normalise(_as_numpy(self.guide.encode_frames(frames.images).pooled))
         indices = np.asarray(frames.indices, dtype=np.int64)
         timestamps = np.asarray(frames.timestamps, dtype=np.float64)
@@ -626,6 +632,65 @@ class VideoLibrary:
                 persistent=True,
             )
         return _Features(pooled_np, indices, timestamps, info_json, bool(frames.partial), False)
+
+    def _prefetch(self, pool: ThreadPoolExecutor, real: str) -> None:
+        """Start decoding ``real`` in the background when it will need a decode.
+
+        Not for a file the library holds unchanged, nor for content whose embeddings the library
+        or the feature cache already has (a renamed copy): those are never decoded. The content
+        key is memoised by the cache, so computing it here costs ``add`` nothing extra.
+        """
+        if self.cache is None:
+            return
+        identity = self.guide.identity
+        try:
+            st = os.stat(real)
+            row = self._row_by_path(real)
+            if row is not None and self._unchanged(row, (st.st_size, st.st_mtime_ns, st.st_ino), identity):
+                return
+            self.limits.check_file(real)
+            key = self.cache.video_key(real)
+        except (OSError, FreeVideoError):
+            return  # _add_one reports it
+        if self._known_features(key, identity) is not None:
+            return
+        prefix = f"{GUIDE_POOLED}|{identity}|"
+        if any(entry.name.startswith(prefix) for entry in self.cache.entries(key)):
+            return
+        self._decoding[real] = pool.submit(self._decode, real)
+
+    def _probe(self, real: str) -> Any:
+        from .video import probe
+
+        return probe(real, limits=self.limits)
+
+    def _sample_count(self, real: str) -> tuple[Any, int]:
+        """``(VideoInfo or None, frames to sample)``: the count depends on the duration."""
+        if not self.sampling["frames_per_second"]:
+            return None, self.frames_for(0.0)
+        info = self._probe(real)
+        return info, self.frames_for(float(info.duration))
+
+    def _decode(self, real: str) -> tuple[int, Frames]:
+        from .video import read_frames
+
+        self.limits.check_file(real)
+        count = self._sample_count(real)[1]
+        return count, read_frames(real, count, limits=self.limits)
+
+    def _decoded(self, real: str, count: int) -> Frames:
+        """The ``count`` sampled frames of ``real``: from the prefetch when it has them."""
+        future = self._decoding.pop(real, None)
+        if future is not None:
+            try:
+                done_count, frames = future.result()
+            except Exception:  # noqa: BLE001 - decode again here, so the error is reported as this file's
+                done_count, frames = -1, None
+            if done_count == count and frames is not None:
+                return frames
+        from .video import read_frames
+
+        return read_frames(real, count, limits=self.limits)
 
     def _known_features(self, content_key: str, identity: str) -> _Features | None:
         """Embeddings of the same content already in the library (a copy under another name)."""

@@ -538,6 +538,7 @@ def test_no_partial_cache_or_library_entry_is_left(outcome):
 _MEMORY = textwrap.dedent(
     """
     import json, resource, sys
+    import av, numpy  # imported before the measurement: only the probe's own allocations count
     from freevllm_tools.errors import VideoError
     from freevllm_tools.limits import Limits
     from freevllm_tools.video import probe

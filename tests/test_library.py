@@ -593,3 +593,28 @@ def test_a_killed_indexer_leaves_a_working_library(tmp_path, folder, hook, survi
     assert _names(report.skipped) == sorted(survivors)
     assert len(report.added) == 4 - len(survivors)
     assert len(library) == 4 and library.check()["consistent"]
+
+
+def test_add_decodes_the_next_video_while_the_current_one_is_embedded(tmp_path, folder, monkeypatch):
+    import threading
+
+    threads: list[tuple[str, str]] = []
+    original = video_module.read_frames
+
+    def recording(path, *args, **kwargs):
+        threads.append((Path(path).name, threading.current_thread().name))
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(video_module, "read_frames", recording)
+    library = _library(tmp_path)
+    report = library.add(folder, progress=False)
+    names = sorted(Path(p).name for p in report.added)
+    assert len(names) >= 3 and not report.failed
+    decoded = [name for name, _ in threads]
+    assert sorted(decoded) == names  # each video decoded exactly once
+    by_name = dict(threads)
+    assert by_name[names[0]] == threading.main_thread().name  # the first: nothing to overlap with
+    assert all(by_name[name].startswith("freevllm-decode") for name in names[1:])  # decoded ahead
+    # The prefetched frames are the ones indexed: search finds each video's own frames.
+    for record in library.videos():
+        assert record.indexed_frames == 20
