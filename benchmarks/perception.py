@@ -128,11 +128,10 @@ def run(ctx: Context) -> Result:
     compared = f", {ratio(base, text_b32['median']):.1f}× one ViT-B-32 text encoding" if text_b32 else ""
     notes = [
         f"On this CPU `perceive` costs {fmt_s(base)} for the paper's full-size input{compared}; "
-        f"`gather` is {gather_share:.0%} of it. `gather` selects a pathway's frames with "
-        "`frame_tokens[frames]` before pooling, and the fast pathway keeps all 50 frames, so it first "
-        f"copies every token ({fmt_mib(x['tokens'].numel() * x['tokens'].element_size())} here, "
-        f"{fmt_s(copy_t['median'])} alone); pooling the fast pathway without the copy when it keeps every frame "
-        "would save that. `plan` depends only on the guide's features.",
+        f"`gather` is {gather_share:.0%} of it. The fast pathway keeps all 50 frames and `gather` pools "
+        "them in place; a copy of every token "
+        f"({fmt_mib(x['tokens'].numel() * x['tokens'].element_size())} here) would cost "
+        f"{fmt_s(copy_t['median'])} more. `plan` depends only on the guide's features.",
         "On a GPU these are memory-bound operations over a few hundred MB (milliseconds), negligible against "
         "the 7B pre-fill; on a CPU they are small against running full-size encoders on 50 frames "
         "(table 3: a ViT-B-32 embeds a few frames per second here).",
