@@ -44,10 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(ROOT))
 
-from freevllm_tools import perception  # noqa: E402
-from freevllm_tools import synthetic as S  # noqa: E402
-from freevllm_tools.config import PerceptionConfig  # noqa: E402
-from freevllm_tools.pipeline import FreeVideoLLM  # noqa: E402
+from freevllm_tools import perception
+from freevllm_tools import synthetic as S
+from freevllm_tools.config import PerceptionConfig
+from freevllm_tools.pipeline import FreeVideoLLM
 
 SEED0 = S.HELDOUT_SEED + 20_000
 TARGET_KINDS = ("presence", "colour", "shape", "when")
@@ -135,9 +135,9 @@ def run(num_videos: int, out: Path, max_new_tokens: int = 8) -> dict[str, Any]:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [
-        f"Held-out synthetic videos with a brief target (needle): {report['videos']} videos, "
+        (f"Held-out synthetic videos with a brief target (needle): {report['videos']} videos, "
         f"{report['rows'][0]['questions']} questions about the needle per row, 50 sampled frames, "
-        f"{report['grid'][0]}x{report['grid'][1]} token grid.",
+        f"{report['grid'][0]}x{report['grid'][1]} token grid."),
         "",
         "| configuration | selection | visual tokens | accuracy | needle recall | presence | colour | shape | when |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
@@ -34,29 +34,29 @@ from .errors import InputError, ModelError
 
 __all__ = [
     "COLOURS",
-    "SHAPES",
     "HELDOUT_SEED",
+    "QA",
+    "SHAPES",
+    "TINY_ANSWERER_DIR",
+    "TINY_GRID",
+    "TINY_GUIDE_DIR",
+    "VOCABULARY",
     "SceneObject",
     "SyntheticVideo",
-    "QA",
+    "answer_words",
+    "grade",
+    "guide_texts",
+    "guided_config",
     "make_video",
     "make_videos",
+    "random_guide_text",
     "render_scene",
     "shape_mask",
-    "guide_texts",
-    "random_guide_text",
-    "grade",
-    "answer_words",
-    "VOCABULARY",
-    "TINY_GRID",
-    "tiny_config",
-    "guided_config",
-    "uniform_config",
-    "TINY_GUIDE_DIR",
-    "TINY_ANSWERER_DIR",
-    "tiny_guide",
     "tiny_answerer",
+    "tiny_config",
+    "tiny_guide",
     "tiny_pipeline",
+    "uniform_config",
 ]
 
 #: Colour names and their RGB values: saturated hues that stay apart after yuv420p.
@@ -119,7 +119,7 @@ class SceneObject:
     def origin(self, frame: int) -> tuple[int, int]:
         """Top-left corner ``(x, y)`` in pixels at ``frame`` (defined for any frame)."""
         dt = frame - self.start
-        return int(round(self.x + self.vx * dt)), int(round(self.y + self.vy * dt))
+        return round(self.x + self.vx * dt), round(self.y + self.vy * dt)
 
     def box(self, frame: int) -> tuple[int, int, int, int]:
         """Footprint ``(x0, y0, x1, y1)`` in pixels, half-open, at ``frame``."""
@@ -228,8 +228,8 @@ class SyntheticVideo:
     def _offset(self, frame: int) -> tuple[int, int]:
         margin = self.size // 2
         dx, dy = self.drift
-        ox = int(round(margin + dx * frame)) % margin
-        oy = int(round(margin + dy * frame)) % margin
+        ox = round(margin + dx * frame) % margin
+        oy = round(margin + dy * frame) % margin
         return ox, oy
 
     def write(self, path: str | Path, *, crf: int = 12) -> Path:

@@ -7,8 +7,10 @@ Two models are trained here, each in minutes on two CPU cores with a fixed seed,
   word-level tokenizer) trained with a sigmoid (SigLIP-style) loss on two levels: the pooled image
   embedding against every query text ("a red square", "a circle", "What shape is the red
   object?"), and every *patch* token (after the visual projection, as the guide reads them)
-  against the same texts, with positives on the patches an object covers. The patch term is what
-  makes ``token_scores`` peak on the object, so the RoI crop lands on it.
+  against the same texts, with soft targets that are 1 on the patches an object covers and fall
+  off with the distance from it. The patch term is what makes ``token_scores`` peak on the
+  object, so the RoI crop lands on it. An auxiliary linear head (dropped after training) reads
+  each covered patch's colour and shape from its token, so that patch tokens carry the shape too.
 * a tiny **answerer** (a transformers LLaVA-family model, see :func:`train_answerer`).
 
 The scripts ``scripts/train_tiny_guide.py`` and ``scripts/train_tiny_answerer.py`` call these
@@ -34,24 +36,24 @@ from . import synthetic as S
 from .config import sample_frame_indices
 
 __all__ = [
-    "GUIDE_MODEL_CONFIG",
-    "GuideTrainingConfig",
-    "word_tokenizer",
-    "simulate_codec",
-    "train_guide",
-    "guide_forward",
-    "GuideReport",
-    "evaluate_guide",
-    "answerer_tokenizer",
-    "guide_vision_to_clip_vision",
-    "AnswererModelConfig",
-    "build_tiny_answerer",
-    "answerer_training_mixture",
-    "AnswererTrainingConfig",
-    "train_answerer",
-    "evaluate_answerer",
-    "GUIDE_DIR",
     "ANSWERER_DIR",
+    "GUIDE_DIR",
+    "GUIDE_MODEL_CONFIG",
+    "AnswererModelConfig",
+    "AnswererTrainingConfig",
+    "GuideReport",
+    "GuideTrainingConfig",
+    "answerer_tokenizer",
+    "answerer_training_mixture",
+    "build_tiny_answerer",
+    "evaluate_answerer",
+    "evaluate_guide",
+    "guide_forward",
+    "guide_vision_to_clip_vision",
+    "simulate_codec",
+    "train_answerer",
+    "train_guide",
+    "word_tokenizer",
 ]
 
 GUIDE_DIR = S.TINY_GUIDE_DIR
@@ -79,7 +81,14 @@ def word_tokenizer(
     and ``eos`` last, so that it has the largest id (open_clip's ``argmax`` text pooling picks the
     end-of-text token that way). ``add_eos`` appends ``eos`` to every encoded text.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
@@ -164,10 +173,10 @@ class GuideTrainingConfig:
     caption_weight: float = 0.0
     """Weight of a patch-level contrastive term: each patch an object covers picks that
     object's caption ("a red square") among all colour-shape captions (a softmax over them).
-    Off in the shipped guide: at 1.0 it barely put shape into single patches (a linear probe
-    of shape from a patch went from 31% to 35%, chance 25%) and it weakened the frame-level
-    colour-shape binding (see the report in ``scripts/train_tiny_guide.py``)."""
-    shape_weight: float = 0.0
+    Off in the shipped guide: tried at 1.0 on the first (off-grid, drifting) world, it barely
+    put shape into single patches (a linear probe of shape from a patch token went from 31% to
+    35%, chance 25%) and it weakened the frame-level colour-shape binding."""
+    shape_weight: float = 1.0
     """Weight of an auxiliary classifier (a linear head, not kept) that reads each covered
     patch's colour and shape from its projected token: it makes the patch tokens themselves
     carry the shape, which the answerer (whose vision tower is this ViT) needs."""
@@ -497,7 +506,7 @@ def answerer_vocabulary() -> list[str]:
     """Every word of the answerer's prompt (system prompt, instruction, primer) and the world."""
     from . import answerer
 
-    text = " ".join([answerer.SYSTEM_PROMPT, answerer.INSTRUCTION, answerer.ANSWER_PRIMER, "user assistant question"])
+    text = f"{answerer.SYSTEM_PROMPT} {answerer.INSTRUCTION} {answerer.ANSWER_PRIMER} user assistant question"
     return sorted(set(S.answer_words(text)) | set(S.VOCABULARY))
 
 

@@ -12,7 +12,12 @@ import argparse
 import json
 
 from freevllm_tools import synthetic
-from freevllm_tools.training import GUIDE_DIR, GuideTrainingConfig, evaluate_guide, train_guide
+from freevllm_tools.training import (
+    GUIDE_DIR,
+    GuideTrainingConfig,
+    evaluate_guide,
+    train_guide,
+)
 
 
 def main() -> None:

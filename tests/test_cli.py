@@ -107,3 +107,21 @@ def test_console_script_runs_in_a_fresh_process(models, videos, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["answer"].startswith("In the video,")
+
+
+def test_demo_runs_offline_and_grounds_its_answer(tmp_path, capsys):
+    from freevllm_tools import synthetic
+    from freevllm_tools.demo import DEMO_SEED
+
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    answer = next(line for line in out.splitlines() if line.startswith("Answer:"))
+    world = synthetic.make_video(DEMO_SEED, brief=True)
+    assert world.target_object.colour in answer  # the tiny trained answerer names the colour
+    assert "visual tokens:" in out
+    with Image.open(tmp_path / "demo" / "contact_sheet.png") as sheet:
+        assert sheet.width > 100
+    # The slow pathway's frames are where the briefly visible target is.
+    visible = world.visible_frames(world.target_object)
+    slow = [int(line.split()[1]) for line in out.splitlines() if line.strip().startswith("frame")][:3]
+    assert all(visible[i] for i in slow)

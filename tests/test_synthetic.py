@@ -145,9 +145,9 @@ def test_written_video_decodes_to_the_rendered_frames(tmp_path):
 
 def test_simulated_codec_is_close_to_the_real_one(tmp_path):
     pytest.importorskip("av")
-    from freevllm_tools.training import simulate_codec
-
     import av
+
+    from freevllm_tools.training import simulate_codec
 
     video = S.make_video(1_000_003)
     frames = video.render()
