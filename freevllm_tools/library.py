@@ -1354,9 +1354,13 @@ class VideoLibrary:
         """A video's frame ids, indices, times and embeddings from the first source that has them all."""
         video, frames = record["video"], record.get("frames") or {}
         ids, indices, timestamps = frames.get("ids"), frames.get("indices"), frames.get("timestamps")
-        vectors = old.embeddings(ids) if ids else None
-        if vectors is None and ids and index is not None:
-            vectors = index.vectors(ids)
+        # The index file matched its checksummed manifest: trust it before a damaged database,
+        # whose pages may read back garbled; salvaged embeddings must at least be unit vectors.
+        vectors = index.vectors(ids) if ids and index is not None else None
+        if vectors is None and ids:
+            vectors = old.embeddings(ids)
+            if vectors is not None and not _unit_rows(vectors):
+                vectors = None
         if vectors is None and self.cache is not None:
             try:
                 name = feature_name(GUIDE_POOLED, str(video["guide_identity"]), frames=int(video["requested_frames"]))
@@ -1627,6 +1631,12 @@ def _intact_index(folder: Path, identity: str | None, dim: Any) -> FaissFrameInd
         return FaissFrameIndex.load(file, manifest["kind"], int(manifest["dim"]), **(manifest.get("options") or {}))
     except (OSError, ValueError, KeyError, TypeError, FreeVideoError):
         return None
+
+
+def _unit_rows(vectors: np.ndarray) -> bool:
+    """Every row finite with an L2 norm of 1 (what the library stores)."""
+    norms = np.linalg.norm(vectors, axis=1)
+    return bool(np.all(np.isfinite(vectors)) and np.allclose(norms, 1.0, atol=1e-3))
 
 
 class _Salvage:
