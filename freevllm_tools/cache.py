@@ -42,11 +42,11 @@ import stat as stat_module
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, is_dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
@@ -375,12 +375,16 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    """Write ``array`` to ``path`` as ``.npy``: temporary file, fsync, rename."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through ``write(handle)``: temporary file, fsync, rename, fsync the folder.
+
+    A reader sees the old file or the new one, never a part; a crash leaves at most a
+    ``.tmp-*`` file beside it. The cache's arrays and the library's manifest and journal use it.
+    """
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
     try:
         with open(tmp, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -388,6 +392,11 @@ def atomic_save_npy(path: Path, array: np.ndarray) -> None:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_save_npy(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to ``path`` as ``.npy`` (no pickle), atomically."""
+    atomic_write(path, lambda handle: np.save(handle, array, allow_pickle=False))
 
 
 # -- the cache -------------------------------------------------------------------------------

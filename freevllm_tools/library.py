@@ -59,7 +59,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .cache import GUIDE_POOLED, FeatureCache, feature_name, hash_file, jsonable
+from .cache import (
+    GUIDE_POOLED,
+    FeatureCache,
+    atomic_write,
+    feature_name,
+    hash_file,
+    jsonable,
+)
 from .errors import FreeVideoError, InputError, LibraryError
 from .frame_index import INDEX_KINDS, FaissFrameIndex, FrameIndex, make_frame_index
 from .limits import Limits, resolve_limits
@@ -1475,22 +1482,7 @@ def _marks(chunk: Sequence[Any]) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if os.name == "posix":
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 #: The columns of ``videos`` besides ``id`` and ``path``, in the order ``_commit_video`` writes them.
