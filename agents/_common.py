@@ -10,16 +10,15 @@ from pathlib import Path
 from typing import Any
 
 # The CLI's own model flags and loader, so the agents take exactly what `freevllm ask` takes.
-from freevllm_tools.cli import _add_model_options, _check_video, _load_pipeline
+from freevllm_tools import cli
+from freevllm_tools.cli import check_video
 
 __all__ = ["add_model_options", "load_pipeline", "check_video", "open_folder_library", "folder_library_dir"]
-
-check_video = _check_video
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """``freevllm ask``'s model flags, and ``--tiny``."""
-    _add_model_options(parser)
+    cli.add_model_options(parser)
     parser.add_argument(
         "--tiny",
         action="store_true",
@@ -30,7 +29,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def load_pipeline(args: argparse.Namespace) -> Any:
     """The :class:`~freevllm_tools.pipeline.FreeVideoLLM` the flags name (tiny with ``--tiny``)."""
     if not getattr(args, "tiny", False):
-        return _load_pipeline(args)
+        return cli.load_pipeline(args)
     from freevllm_tools.cache import FeatureCache
     from freevllm_tools.testing import tiny_free_video_llm
 

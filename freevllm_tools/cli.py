@@ -16,14 +16,15 @@ from typing import Any
 from .config import list_presets
 from .errors import FreeVideoError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "add_model_options", "load_pipeline", "check_video", "print_provenance"]
 
 DEFAULT_GUIDE = "ViT-L-14-336"
 DEFAULT_GUIDE_PRETRAINED = "openai"
 DEFAULT_LLM = "llava-hf/llava-v1.6-vicuna-7b-hf"
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """The model flags of ``ask``, ``inspect`` and ``chat`` (the agents in ``agents/`` take them too)."""
     group = parser.add_argument_group("models")
     group.add_argument("--guide", default=DEFAULT_GUIDE, help="open_clip model name or config JSON (default: %(default)s)")
     group.add_argument(
@@ -47,7 +48,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
 
 
-def _load_pipeline(args: argparse.Namespace) -> Any:
+def load_pipeline(args: argparse.Namespace) -> Any:
+    """The :class:`~freevllm_tools.pipeline.FreeVideoLLM` that :func:`add_model_options`' flags name."""
     from .pipeline import FreeVideoLLM
 
     return FreeVideoLLM.from_pretrained(
@@ -66,7 +68,7 @@ def print_provenance(result: Any, out: Any = None) -> None:
     print(result.provenance_text(), file=out or sys.stdout)
 
 
-def _check_video(path: str) -> None:
+def check_video(path: str) -> None:
     """Fail on a bad video before spending time on loading models."""
     from .video import probe
 
@@ -74,8 +76,8 @@ def _check_video(path: str) -> None:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    _check_video(args.video)
-    qa = _load_pipeline(args)
+    check_video(args.video)
+    qa = load_pipeline(args)
     if args.json:
         result = qa.ask(args.video, args.question, max_new_tokens=args.max_new_tokens, progress=True)
         print(json.dumps(result.to_dict(), indent=2))
@@ -96,8 +98,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .render import save_contact_sheet
     from .video import read_frames
 
-    _check_video(args.video)
-    qa = _load_pipeline(args)
+    check_video(args.video)
+    qa = load_pipeline(args)
     result = qa.ask(args.video, args.question, max_new_tokens=args.max_new_tokens, progress=True)
     frames = read_frames(args.video, qa.config.num_frames, limits=qa.limits)
     images = {int(i): image for i, image in zip(frames.indices, frames.images)}
@@ -144,8 +146,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from .chat import ChatSession, run_chat
 
-    _check_video(args.video)
-    qa = _load_pipeline(args)
+    check_video(args.video)
+    qa = load_pipeline(args)
     session = ChatSession(
         qa, args.video, history_turns=args.history_turns, max_new_tokens=args.max_new_tokens
     )
@@ -168,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question")
     ask.add_argument("--json", action="store_true", help="print the full result as JSON")
     ask.add_argument("--max-new-tokens", type=int, default=128)
-    _add_model_options(ask)
+    add_model_options(ask)
     ask.set_defaults(func=cmd_ask)
 
     inspect = sub.add_parser("inspect", help="answer and draw a contact sheet of the frames and regions used")
@@ -176,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("question")
     inspect.add_argument("--out", default="contact_sheet.png")
     inspect.add_argument("--max-new-tokens", type=int, default=128)
-    _add_model_options(inspect)
+    add_model_options(inspect)
     inspect.set_defaults(func=cmd_inspect)
 
     index = sub.add_parser("index", help="index videos (files or folders) into a library for search")
@@ -198,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument(
         "--history-turns", type=int, default=2, help="earlier turns written into each prompt (default: %(default)s)"
     )
-    _add_model_options(chat)
+    add_model_options(chat)
     chat.set_defaults(func=cmd_chat)
 
     demo = sub.add_parser("demo", help="run the whole method offline on a synthetic video")
