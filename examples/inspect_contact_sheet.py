@@ -11,9 +11,7 @@ import tempfile
 from pathlib import Path
 
 from freevllm_tools import FreeVideoLLM
-from freevllm_tools.render import save_contact_sheet
 from freevllm_tools.testing import tiny_free_video_llm, write_video
-from freevllm_tools.video import read_frames
 
 
 def load(args: argparse.Namespace, workdir: Path) -> FreeVideoLLM:
@@ -45,10 +43,8 @@ def main(argv: list[str] | None = None) -> int:
             for index, time, box in zip(pathway.frame_indices, pathway.timestamps, pathway.boxes_px):
                 print(f"  {name}: frame {index} at {time:.2f}s, region (x0, y0, x1, y1) = {box}")
 
-        # The sheet needs the frames themselves: decode the same ones the pipeline sampled.
-        frames = read_frames(video, qa.config.num_frames)
-        images = {int(i): image for i, image in zip(frames.indices, frames.images)}
-        sheet = save_contact_sheet(result, images, args.out)
+        # The sheet needs the frames themselves: the pipeline decodes the ones it sampled.
+        sheet = qa.contact_sheet(result, args.out)
         print(f"Contact sheet: {sheet}")
     return 0
 

@@ -262,14 +262,9 @@ class ChatSession:
 
     def contact_sheet(self, path: str | os.PathLike[str], **kwargs: Any) -> Path:
         """Draw the last answer's frames and regions into a PNG (decodes the video's frames)."""
-        from .render import save_contact_sheet
-        from .video import read_frames
-
         if not self.turns:
             raise InputError("no answer yet: ask a question before drawing its contact sheet")
-        frames = read_frames(self.video, self.qa.config.num_frames, limits=self.qa.limits)
-        images = {int(i): image for i, image in zip(frames.indices, frames.images)}
-        return save_contact_sheet(self.last, images, path, **kwargs)
+        return self.qa.contact_sheet(self.last, path, **kwargs)
 
 
 def frames_text(result: AskResult) -> str:

@@ -95,15 +95,10 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .render import save_contact_sheet
-    from .video import read_frames
-
     check_video(args.video)
     qa = load_pipeline(args)
     result = qa.ask(args.video, args.question, max_new_tokens=args.max_new_tokens, progress=True)
-    frames = read_frames(args.video, qa.config.num_frames, limits=qa.limits)
-    images = {int(i): image for i, image in zip(frames.indices, frames.images)}
-    path = save_contact_sheet(result, images, args.out)
+    path = qa.contact_sheet(result, args.out)
     print(f"Answer: {result.answer}")
     print_provenance(result)
     print(f"contact sheet: {path}")

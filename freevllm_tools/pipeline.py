@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -463,6 +464,19 @@ class FreeVideoLLM:
             config=_config_label(self.config),
             frame_size=features.frame_size,
         )
+
+    def contact_sheet(self, result: AskResult, path: str | os.PathLike[str], **kwargs: Any) -> Path:
+        """Draw ``result``'s kept frames with their RoI boxes into a PNG at ``path``.
+
+        The frames are decoded again (with this pipeline's sampling and limits): a picture
+        needs pixels, which the feature cache does not keep at full size.
+        """
+        from .render import save_contact_sheet
+        from .video import read_frames
+
+        frames = read_frames(result.video, self.config.num_frames, limits=self.limits)
+        images = {int(i): image for i, image in zip(frames.indices, frames.images)}
+        return save_contact_sheet(result, images, path, **kwargs)
 
     async def aask(
         self, video: str | os.PathLike[str], question: str, *, max_new_tokens: int | None = None
