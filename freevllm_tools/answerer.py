@@ -44,6 +44,7 @@ __all__ = [
     "LlavaAnswerer",
     "get_family",
     "list_families",
+    "timing_context",
 ]
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,24 @@ INSTRUCTION = (
     "Answer the question about the video.\nQuestion: {question}"
 )
 ANSWER_PRIMER = "In the video,"
+
+
+def timing_context(times: Sequence[float], duration: float | None = None) -> str:
+    """A sentence that tells the language model when its key frames were taken.
+
+    "The video lasts 5.0 seconds; its key frames are at 1.2, 1.3 and 3.0 seconds." The
+    visual tokens themselves carry no time, so without it a question such as "does it happen
+    early or late?" cannot be answered from prompt-guided frames (LLaVA-Video states frame
+    times in its prompt for the same reason). Empty when there is nothing to tell.
+    """
+    parts = []
+    if duration is not None and duration > 0:
+        parts.append(f"The video lasts {duration:.1f} seconds")
+    if len(times):
+        listed = [f"{t:.1f}" for t in times]
+        listed = listed[0] if len(listed) == 1 else f"{', '.join(listed[:-1])} and {listed[-1]}"
+        parts.append(f"its key frames are at {listed} seconds" if parts else f"The key frames are at {listed} seconds")
+    return "; ".join(parts) + "." if parts else ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -695,17 +714,26 @@ class LlavaAnswerer:
         if not isinstance(question, str):
             msg = f"question must be a string, got {type(question).__name__}"
             raise InputError(msg)
-        for special in self._special_strings:
-            question = question.replace(special, " ")
-        question = " ".join(question.split())
+        question = " ".join(self._strip_specials(question).split())
         if not question:
             msg = "question is empty (after removing special tokens); ask something about the video"
             raise InputError(msg)
         return question
 
-    def build_prompt(self, question: str) -> str:
-        """The prompt text, with one image placeholder, ending in the answer primer."""
+    def _strip_specials(self, text: str) -> str:
+        for special in self._special_strings:
+            text = text.replace(special, " ")
+        return text
+
+    def build_prompt(self, question: str, context: str | None = None) -> str:
+        """The prompt text, with one image placeholder, ending in the answer primer.
+
+        ``context`` (a :func:`timing_context` sentence, say) goes before the instruction.
+        """
         instruction = self.instruction.format(question=self._clean_question(question))
+        context = " ".join(self._strip_specials(context or "").split())
+        if context:
+            instruction = f"{context} {instruction}"
         if self.prompt_format == "vicuna":
             user = f"USER: {self.image_token}\n{instruction}"
             return f"{self.system_prompt} {user} ASSISTANT: {self.primer}".rstrip()
@@ -760,18 +788,25 @@ class LlavaAnswerer:
             messages.insert(0, {"role": "system", "content": system})
         return messages
 
-    def tokenize_prompt(self, question: str) -> torch.Tensor:
+    def tokenize_prompt(self, question: str, context: str | None = None) -> torch.Tensor:
         """Token ids ``(L,)`` of :meth:`build_prompt` (with BOS where the tokenizer uses one)."""
-        ids = list(self.tokenizer(self.build_prompt(question), add_special_tokens=False)["input_ids"])
+        prompt = self.build_prompt(question, context)
+        ids = list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         bos = getattr(self.tokenizer, "bos_token_id", None)
         if self._adds_bos and (not ids or ids[0] != bos):
             ids.insert(0, bos)
         return torch.tensor(ids, dtype=torch.long)
 
     def prepare(
-        self, question: str, visual_tokens: torch.Tensor, *, max_new_tokens: int = 128
+        self,
+        question: str,
+        visual_tokens: torch.Tensor,
+        *,
+        context: str | None = None,
+        max_new_tokens: int = 128,
     ) -> PreparedPrompt:
-        """Splice ``visual_tokens`` ``(N, D)`` at the prompt's one image placeholder.
+        """Splice ``visual_tokens`` ``(N, D)`` at the prompt's one image placeholder
+        (``context``: see :meth:`build_prompt`).
 
         Checks, before any model call, that there is exactly one placeholder, that the tokens
         have the model's width, and that prompt + ``max_new_tokens`` fits the context
@@ -794,7 +829,7 @@ class LlavaAnswerer:
         if max_new_tokens < 1:
             msg = f"max_new_tokens must be >= 1, got {max_new_tokens}"
             raise InputError(msg)
-        input_ids = self.tokenize_prompt(question)
+        input_ids = self.tokenize_prompt(question, context)
         positions = (input_ids == self.image_token_id).nonzero().flatten().tolist()
         if len(positions) != 1:
             msg = (
@@ -828,20 +863,29 @@ class LlavaAnswerer:
         question: str,
         visual_tokens: torch.Tensor,
         *,
+        context: str | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
     ) -> Generation:
-        """Answer ``question`` about the visual sequence ``(N, D)``; greedy unless ``temperature > 0``."""
+        """Answer ``question`` about the visual sequence ``(N, D)``; greedy unless ``temperature > 0``.
+
+        ``context`` is a sentence about the video put before the question (see
+        :func:`timing_context`).
+        """
         sampling = {"temperature": temperature, "top_p": top_p, "seed": seed}
-        return self.answer_batch([question], [visual_tokens], max_new_tokens=max_new_tokens, **sampling)[0]
+        batch = self.answer_batch(
+            [question], [visual_tokens], contexts=[context], max_new_tokens=max_new_tokens, **sampling
+        )
+        return batch[0]
 
     def answer_batch(
         self,
         questions: Sequence[str],
         visual_tokens: Sequence[torch.Tensor],
         *,
+        contexts: Sequence[str | None] | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -853,16 +897,18 @@ class LlavaAnswerer:
         (dynamic RoPE rescales by the batch's longest sequence). ``prefill_s`` and
         ``generate_s`` are the batch's, shared by its results.
         """
-        if len(questions) != len(visual_tokens):
+        contexts = [None] * len(questions) if contexts is None else list(contexts)
+        if not len(questions) == len(visual_tokens) == len(contexts):
             msg = (
-                f"{len(questions)} questions but {len(visual_tokens)} visual sequences; "
-                f"give one per question"
+                f"{len(questions)} questions, {len(visual_tokens)} visual sequences and "
+                f"{len(contexts)} contexts; give one of each per question"
             )
             raise InputError(msg)
         if not questions:
             return []
         prepared = [
-            self.prepare(q, v, max_new_tokens=max_new_tokens) for q, v in zip(questions, visual_tokens)
+            self.prepare(q, v, context=c, max_new_tokens=max_new_tokens)
+            for q, v, c in zip(questions, visual_tokens, contexts)
         ]
         run = _Run(self, prepared, max_new_tokens, temperature, top_p, seed)
         for _ in run.steps():
@@ -874,6 +920,7 @@ class LlavaAnswerer:
         question: str,
         visual_tokens: torch.Tensor,
         *,
+        context: str | None = None,
         max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_p: float = 1.0,
@@ -885,7 +932,7 @@ class LlavaAnswerer:
         Pieces never split a character or a word piece mid-way. ``on_finish`` receives the
         :class:`Generation` (timings, counts) once the answer is complete.
         """
-        prepared = self.prepare(question, visual_tokens, max_new_tokens=max_new_tokens)
+        prepared = self.prepare(question, visual_tokens, context=context, max_new_tokens=max_new_tokens)
         run = _Run(self, [prepared], max_new_tokens, temperature, top_p, seed)
         return self._stream_pieces(run, on_finish)
 

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .answerer import timing_context
 from .errors import FreeVideoError, InputError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -177,11 +178,13 @@ class ChatSession:
             parts.pop(0)
         return _shorten(" | ".join(parts), self.max_history_chars) if self.max_history_chars else ""
 
-    def prompt_for(self, question: str, *, num_visual_tokens: int = 0) -> tuple[str, int]:
+    def prompt_for(
+        self, question: str, *, num_visual_tokens: int = 0, context: str | None = None
+    ) -> tuple[str, int]:
         """The text for the answerer's question slot and how many earlier turns it carries.
 
-        Drops the oldest turns while the prompt, ``num_visual_tokens`` and the answer's new tokens
-        would not fit the answerer's context.
+        Drops the oldest turns while the prompt (with ``context``, the timing sentence),
+        ``num_visual_tokens`` and the answer's new tokens would not fit the answerer's context.
         """
         question = self.qa.limits.check_question(question)
         answerer = self.qa.answerer
@@ -194,10 +197,19 @@ class ChatSession:
             prompt = f"{HISTORY_PREFIX} {transcript} {CURRENT_PREFIX} {question}"
             if limit is None:
                 return prompt, count
-            num_text = len(answerer.tokenize_prompt(prompt)) - 1  # the placeholder becomes the visual tokens
+            num_text = len(answerer.tokenize_prompt(prompt, context)) - 1  # the placeholder becomes the visual tokens
             if num_text + num_visual_tokens + new_tokens <= limit:
                 return prompt, count
         return question, 0
+
+    def _timing_stand_in(self, features: Any) -> str:
+        """A timing sentence as long as the one the answer's plan will give (same number of key
+        frames, each time as wide as the latest), to size the prompt before the plan exists."""
+        config = self.qa.config
+        count = len(features.indices)
+        kept = next((n for p in config.pathways if (n := p.frames_kept(count))), 0)
+        latest = max(features.timestamps, default=0.0)
+        return timing_context([latest] * kept, features.duration)
 
     # -- turns ---------------------------------------------------------------------------
 
@@ -221,7 +233,9 @@ class ChatSession:
             num_tokens = self.qa.config.num_visual_tokens(
                 tuple(features.frame_tokens.shape[1:3]), len(features.indices)
             )
-            prompt, used = self.prompt_for(question, num_visual_tokens=num_tokens)
+            prompt, used = self.prompt_for(
+                question, num_visual_tokens=num_tokens, context=self._timing_stand_in(features)
+            )
             # The guide reads the current question alone; LLaVA reads it with the history.
             result = self.qa.answer(
                 features, question, prompt=prompt, max_new_tokens=self.max_new_tokens, on_text=on_text

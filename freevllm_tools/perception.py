@@ -167,6 +167,12 @@ class Plan:
     num_frames: int | None = None
     """T, the number of sampled frames the plan was made for."""
 
+    @property
+    def key_frames(self) -> list[int]:
+        """Frame positions of the most detailed pathway that keeps any (slow, else middle,
+        else fast): the frames the prompt's timing sentence names."""
+        return next((list(p.frames) for p in self.pathways.values() if p.frames), [])
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (for provenance and logs)."""
         return {

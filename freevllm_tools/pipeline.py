@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import perception
+from .answerer import timing_context
 from .config import PerceptionConfig
 from .errors import ConfigError
 from .limits import Limits, resolve_limits
@@ -132,6 +133,13 @@ class VideoFeatures:
     frame_tokens: torch.Tensor
     """(T, h, w, D) the LLM-side projected tokens."""
     cache_hit: bool = False
+    duration: float | None = None
+    """Seconds, as the probe read them (None where unknown)."""
+
+    def timing(self, plan: perception.Plan) -> str:
+        """The prompt's sentence on when ``plan``'s key frames were taken (see
+        :func:`~freevllm_tools.answerer.timing_context`)."""
+        return timing_context([self.timestamps[i] for i in plan.key_frames], self.duration)
 
 
 _STAGE_LABELS = {"decode": "decoding", "guide": "CLIP guide", "vision": "vision tower"}
@@ -277,6 +285,7 @@ class FreeVideoLLM:
             guide_pooled=guide.pooled,
             guide_dense=guide.dense,
             frame_tokens=tokens,
+            duration=frames.info.duration,
         )
 
     def _cache_names(self) -> dict[str, str]:
@@ -314,6 +323,7 @@ class FreeVideoLLM:
                     guide_dense=dense.tensor("dense"),
                     frame_tokens=tokens.tensor("tokens", device=self.answerer.device),
                     cache_hit=True,
+                    duration=_duration(pooled.meta),
                 )
 
         decoded: list[Frames] = []
@@ -366,6 +376,7 @@ class FreeVideoLLM:
             guide_dense=guide_dense,
             frame_tokens=frame_tokens,
             cache_hit=False,
+            duration=_duration(meta),
         )
 
     def plan(
@@ -442,11 +453,15 @@ class FreeVideoLLM:
         plan, tokens = self._visual_tokens(features, question, timer)
         text = self.limits.check_question(prompt) if prompt is not None else question
         limit = max_new_tokens or self.max_new_tokens
+        context = features.timing(plan)
         if on_text is None:
-            generation = self.answerer.answer(text, tokens, max_new_tokens=limit)
+            generation = self.answerer.answer(text, tokens, context=context, max_new_tokens=limit)
         else:
             finished: list[Generation] = []
-            for piece in self.answerer.stream(text, tokens, max_new_tokens=limit, on_finish=finished.append):
+            pieces = self.answerer.stream(
+                text, tokens, context=context, max_new_tokens=limit, on_finish=finished.append
+            )
+            for piece in pieces:
                 on_text(piece)
             generation = finished[0]
         timer.timings["prefill"] = generation.prefill_s
@@ -495,9 +510,9 @@ class FreeVideoLLM:
         """Yield the answer in pieces as the model writes it; joined, they equal ``ask``'s answer."""
         question = self.limits.check_question(question)
         features, timer = self._features(video, progress)
-        _plan, tokens = self._visual_tokens(features, question, timer)
+        plan, tokens = self._visual_tokens(features, question, timer)
         yield from self.answerer.stream(
-            question, tokens, max_new_tokens=max_new_tokens or self.max_new_tokens
+            question, tokens, context=features.timing(plan), max_new_tokens=max_new_tokens or self.max_new_tokens
         )
 
 
@@ -529,6 +544,11 @@ def _frame_meta(source: Any) -> tuple[Any, Any, dict[str, Any]]:
 def _frame_size(meta: dict[str, Any]) -> tuple[int, int]:
     info = meta.get("info") or {}
     return int(info.get("width", 0)), int(info.get("height", 0))
+
+
+def _duration(meta: dict[str, Any]) -> float | None:
+    duration = (meta.get("info") or {}).get("duration")
+    return float(duration) if duration else None
 
 
 def _config_label(config: PerceptionConfig) -> str:

@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from freevllm_tools.answerer import FAMILIES, Generation, LlavaAnswerer, get_family, list_families
+from freevllm_tools.answerer import (
+    FAMILIES,
+    Generation,
+    LlavaAnswerer,
+    get_family,
+    list_families,
+    timing_context,
+)
 from freevllm_tools.errors import InputError, ModelError
 from freevllm_tools.testing import tiny_llava_next, tiny_llava_onevision
 
@@ -198,6 +205,31 @@ def test_prompt_formats(answerer):
         answerer.build_prompt("  <image> ")
 
 
+def test_timing_context_names_the_key_frames_and_the_duration():
+    assert timing_context([0.4, 1.25, 3.0], 5.0) == (
+        "The video lasts 5.0 seconds; its key frames are at 0.4, 1.2 and 3.0 seconds."
+    )
+    assert timing_context([2.0], None) == "The key frames are at 2.0 seconds."
+    assert timing_context([], 61.04) == "The video lasts 61.0 seconds."
+    assert timing_context([], None) == timing_context([], 0.0) == ""
+
+
+def test_context_goes_before_the_instruction_and_cannot_add_a_placeholder(answerer):
+    plain = answerer.build_prompt("What is the man doing?")
+    timed = answerer.build_prompt("What is the man doing?", "The video lasts 3.0 seconds. <image>")
+    assert timed.count(answerer.image_token) == 1
+    assert "The video lasts 3.0 seconds. These are key frames" in timed
+    assert timed.replace("The video lasts 3.0 seconds. ", "") == plain
+    assert answerer.build_prompt("What is the man doing?", "  ") == plain
+    tokens = visual(answerer, 5)
+    prepared = answerer.prepare("What?", tokens, context="The video lasts 3.0 seconds.")
+    assert len(prepared.input_ids) > len(answerer.prepare("What?", tokens).input_ids)
+    batch = answerer.answer_batch(["What?"], [tokens], contexts=["The video lasts 3.0 seconds."], max_new_tokens=4)
+    single = answerer.answer("What?", tokens, context="The video lasts 3.0 seconds.", max_new_tokens=4)
+    assert batch[0].token_ids == single.token_ids
+    assert batch[0].num_prompt_tokens == prepared.num_tokens
+
+
 @pytest.mark.parametrize("num_visual", [1, 17, 49])
 def test_language_model_receives_exactly_the_planned_visual_tokens(answerer, num_visual):
     tokens = visual(answerer, num_visual, seed=num_visual)
@@ -329,7 +361,7 @@ def test_answer_batch_equals_one_by_one(answerer):
     assert [b.text for b in batch] == [s.text for s in single]
     assert [b.num_prompt_tokens for b in batch] == [s.num_prompt_tokens for s in single]
     assert len({b.num_prompt_tokens for b in batch}) == 3  # really padded
-    with pytest.raises(InputError, match="one per question"):
+    with pytest.raises(InputError, match="one of each per question"):
         answerer.answer_batch(questions, sequences[:2])
     assert answerer.answer_batch([], []) == []
 

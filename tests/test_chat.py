@@ -192,7 +192,11 @@ def test_oldest_turns_are_dropped_when_the_context_is_short(warm_qa: Any, clip: 
     chat = ChatSession(warm_qa, clip)
     first = chat.ask(Q1)
     answerer = warm_qa.answerer
-    alone = len(answerer.tokenize_prompt(Q2)) - 1 + first.result.num_visual_tokens + warm_qa.max_new_tokens
+    features = warm_qa.features(clip)
+    context = features.timing(warm_qa.plan(features, Q2))  # the sentence the answer will carry
+    assert context.startswith("The video lasts")
+    prompt_tokens = len(answerer.tokenize_prompt(Q2, context)) - 1
+    alone = prompt_tokens + first.result.num_visual_tokens + warm_qa.max_new_tokens
     monkeypatch.setattr(answerer, "max_context", alone + 2)  # room for the question, not the transcript
     second = chat.ask(Q2)
     assert second.history_used == 0 and second.prompt == Q2

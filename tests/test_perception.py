@@ -321,6 +321,20 @@ def test_gather_places_exactly_the_planned_tokens():
     assert out.tolist() == slow + fast
 
 
+def test_key_frames_are_the_most_detailed_pathways_frames():
+    def the_plan(slow, middle, fast):
+        pathways = {
+            name: PathwayPlan(name, frames, (2, 2), [None] * len(frames), 4 * len(frames), "none")
+            for name, frames in (("slow", slow), ("middle", middle), ("fast", fast))
+        }
+        return Plan(pathways=pathways, frame_scores=torch.zeros(8), num_tokens=0)
+
+    assert the_plan([2, 5], [0, 4], list(range(8))).key_frames == [2, 5]
+    assert the_plan([], [0, 4], list(range(8))).key_frames == [0, 4]
+    assert the_plan([], [], [1, 3]).key_frames == [1, 3]
+    assert the_plan([], [], []).key_frames == []
+
+
 def test_gather_checks_shapes():
     config = PerceptionConfig.paper()
     the_plan = plan(config, torch.randn(5, DG), torch.randn(5, 24, 24, DG), torch.randn(DG), (24, 24))

@@ -40,11 +40,32 @@ def test_language_model_receives_exactly_the_planned_tokens(qa, clip):
         handle.remove()
 
     prefill = captured[0][0]
-    ids = qa.answerer.tokenize_prompt(QUESTION)
+    ids = qa.answerer.tokenize_prompt(QUESTION, features.timing(plan))
     position = int((ids == qa.answerer.image_token_id).nonzero()[0])
     assert planned.shape[0] == result.num_visual_tokens
     assert prefill.shape[0] == len(ids) - 1 + result.num_visual_tokens
     assert torch.equal(prefill[position : position + planned.shape[0]], planned)
+
+
+def test_prompt_tells_when_the_slow_frames_were_taken(qa, clip, tmp_path):
+    features = qa.features(clip)
+    assert features.duration == pytest.approx(72 * 1001 / 30000)  # 72 frames at 29.97 fps
+    plan = qa.plan(features, QUESTION)
+    slow = [f"{features.timestamps[i]:.1f}" for i in plan.pathways["slow"].frames]
+    expected = f"The video lasts 2.4 seconds; its key frames are at {slow[0]}, {slow[1]} and {slow[2]} seconds."
+    assert features.timing(plan) == expected
+    prompts = []
+    build = qa.answerer.build_prompt
+    qa.answerer.build_prompt = lambda question, context=None: prompts.append(context) or build(question, context)
+    try:
+        qa.ask(clip, QUESTION)
+        "".join(qa.stream(clip, QUESTION))
+    finally:
+        del qa.answerer.build_prompt
+    assert prompts == [expected, expected]
+    cached = tiny_free_video_llm(cache_dir=tmp_path / "cache", max_new_tokens=2)
+    cold, warm = cached.features(clip), cached.features(clip)
+    assert warm.cache_hit and cold.duration == warm.duration == features.duration
 
 
 def test_provenance_matches_the_plan(qa, clip):
