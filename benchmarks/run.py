@@ -5,8 +5,7 @@
     python -m benchmarks.run --only decoding  # one table (merged into the existing output)
 
 Tables, in order: ``tokens`` (1), ``decoding`` (2), ``indexing`` (3), ``perception`` (4),
-``cache_search`` (5), ``gpu`` (6) and, where ``benchmarks/method_benefit.py`` exists,
-``method_benefit``. Each table records the command, the machine and the date; figures are
+``cache_search`` (5), ``gpu`` (6) and ``method_benefit`` (7). Each table records the command, the machine and the date; figures are
 medians of repeated runs and comparisons are ratios measured side by side in one run.
 Generated videos are kept in ``bench_out/media/`` (gitignored) and reused.
 """
@@ -15,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import shlex
 import shutil
@@ -26,7 +24,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from .common import ROOT, Context, Result, load_average, machine_info, machine_line, now
+from .common import ROOT, Context, load_average, machine_info, machine_line, now
 
 #: (key, module) in the order the document lists them.
 TABLES: list[tuple[str, str]] = [
@@ -38,8 +36,6 @@ TABLES: list[tuple[str, str]] = [
     ("gpu", "benchmarks.gpu"),
     ("method_benefit", "benchmarks.method_benefit"),
 ]
-#: Tables that may be absent (another issue delivers them); skipped, with a note, when missing.
-OPTIONAL = {"method_benefit"}
 NUMBERS = {"tokens": 1, "decoding": 2, "indexing": 3, "perception": 4, "cache_search": 5, "gpu": 6,
            "method_benefit": 7}
 FLAGS = {"full": "", "quick": " --quick", "smoke": " --smoke"}
@@ -60,50 +56,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-class Skipped(Exception):
-    """A table that cannot run yet (what it needs is not there); recorded, not a failure."""
-
-
-#: Videos the method-benefit sweep runs on in a full run (its own command line's default).
-BENEFIT_VIDEOS = 60
-
-
-def _method_benefit(ctx: Context) -> Result:
-    """Include ``benchmarks/method_benefit.py`` (issue 9), written and owned elsewhere.
-
-    Preferred contract: a function ``benchmark(level: str, out_dir: Path) -> dict`` with
-    ``markdown`` (and optionally ``data``, ``notes``, ``headline``). Until it exists, the
-    module's ``run(num_videos, out)`` and ``markdown(report)`` are used in a full run (its plot,
-    ``method_benefit.svg``, is copied next to the document); quick and smoke runs skip it.
-    """
-    module = importlib.import_module("benchmarks.method_benefit")
-    entry = getattr(module, "benchmark", None)
-    if callable(entry):
-        got = entry(ctx.level, ctx.out_dir)
-        return Result(got["markdown"], got.get("data", {}), list(got.get("notes", [])), list(got.get("headline", [])))
-    if ctx.level != "full":
-        return Result("_Runs in the full suite only (`make bench`)._", {"skipped": ctx.level}, [], [])
-    from freevllm_tools.errors import ModelError
-
-    folder = ctx.scratch / "method_benefit"
-    try:
-        report = module.run(BENEFIT_VIDEOS, folder)
-    except ModelError as exc:  # its trained tiny models are not in the tree yet
-        raise Skipped(str(exc)) from exc
-    markdown = module.markdown(report).rstrip()
-    plot = folder / "method_benefit.svg"
-    if plot.exists() and ctx.out_dir is not None:
-        shutil.copyfile(plot, ctx.out_dir / "method_benefit.svg")
-        markdown += "\n\n![accuracy and needle recall against visual tokens, guided vs uniform](method_benefit.svg)"
-    command = f"python benchmarks/method_benefit.py --videos {BENEFIT_VIDEOS}"
-    return Result(markdown, report, [f"The sweep is `{command}`'s; this harness only includes it."], [])
-
-
 def _run_table(key: str, module_name: str, ctx: Context) -> dict[str, Any]:
-    module = None
-    if key != "method_benefit":
-        module = importlib.import_module(module_name)
-    title = getattr(module, "TITLE", "The method's benefit: prompt-guided vs uniform selection at equal budgets")
+    module = importlib.import_module(module_name)
+    title = module.TITLE
     entry: dict[str, Any] = {"number": NUMBERS[key], "title": title, "level": ctx.level}
     flag = FLAGS[ctx.level]
     entry["command"] = f"python -m benchmarks.run{flag} --only {key}"
@@ -112,12 +67,9 @@ def _run_table(key: str, module_name: str, ctx: Context) -> dict[str, Any]:
     ctx.log(f"{key}: start (load {entry['load_before']})")
     started = time.perf_counter()
     try:
-        result = _method_benefit(ctx) if key == "method_benefit" else module.run(ctx)
+        result = module.run(ctx)
         entry.update(status="ok", markdown=result.markdown, notes=result.notes,
                      headline=result.headline, data=result.data)
-    except Skipped as exc:
-        ctx.log(f"{key}: skipped: {exc}")
-        entry.update(status="skipped", markdown=f"_Not run: {exc}_", notes=[], headline=[], data={"skipped": str(exc)})
     except Exception as exc:  # noqa: BLE001 - one broken table must not lose the others
         trace = traceback.format_exc()
         ctx.log(f"{key}: FAILED\n{trace}")
@@ -214,8 +166,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unknown table(s) {unknown}; expected some of {keys}", file=sys.stderr)
             return 2
         keys = [k for k in keys if k in wanted]
-    present = {k for k in OPTIONAL if importlib.util.find_spec(f"benchmarks.{k}") is not None}
-    keys = [k for k in keys if k not in OPTIONAL or k in present]
 
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)

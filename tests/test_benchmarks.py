@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLES = ("tokens", "decoding", "indexing", "perception", "cache_search", "gpu")
+TABLES = ("tokens", "decoding", "indexing", "perception", "cache_search", "gpu", "method_benefit")
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def smoke(tmp_path_factory) -> tuple[dict, str]:
         check=False, cwd=ROOT, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return json.loads((out / "benchmarks.json").read_text()), (out / "benchmarks.md").read_text()
+    return json.loads((out / "benchmarks.json").read_text()), (out / "benchmarks.md").read_text(), str(out)
 
 
 def _numbers(value):
@@ -46,7 +46,7 @@ def _numbers(value):
 
 
 def test_every_table_is_reported_with_command_machine_and_date(smoke):
-    report, markdown = smoke
+    report, markdown, _out = smoke
     assert report["level"] == "smoke"
     assert report["machine"]["cores"] >= 1 and report["machine"]["torch"]
     for number, key in enumerate(TABLES, start=1):
@@ -68,6 +68,19 @@ def test_token_table_holds_the_papers_counts(smoke):
     for row in data["budgets"]:
         assert 0 < row["tokens"] <= row["budget"]
     assert next(r for r in data["budgets"] if r["budget"] == 2648)["tokens"] == 2648
+
+
+def test_method_benefit_compares_selections_at_equal_budgets(smoke):
+    data = smoke[0]["tables"]["method_benefit"]["data"]
+    rows = {r["label"]: r for r in data["rows"]}
+    assert rows["tiny"]["tokens"] == 424 and data["videos"] == 2
+    for k in (1, 2, 4, 8):
+        guided, uniform = rows[f"guided-{k}"], rows[f"uniform-{k}"]
+        assert guided["tokens"] == uniform["tokens"] == 64 * k
+        assert guided["needle_recall"] >= uniform["needle_recall"]
+    for row in rows.values():
+        assert 0 <= row["accuracy"] <= 1 and 0 <= row["needle_recall"] <= 1 and row["questions"] > 0
+    assert (Path(smoke[2]) / "method_benefit.svg").read_text().startswith("<svg")
 
 
 def test_decoders_agree_and_figures_are_positive(smoke):
