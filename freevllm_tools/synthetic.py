@@ -153,6 +153,8 @@ class QA:
     """Name of the object asked about (``"red square"``), None for an absent one."""
     reply: str
     """What the answerer should write after its "In the video," prime."""
+    asks: tuple[str, str] | None = None
+    """The (colour, shape) a yes/no question names."""
 
 
 @dataclass(frozen=True)
@@ -268,8 +270,8 @@ class SyntheticVideo:
         rng = np.random.default_rng([self.seed, 7])
         target = self.target_object
         out = [
-            presence_qa(target.colour, target.shape, True),
-            presence_qa(*_absent_pair(self.objects, rng), False),
+            presence_qa(target.colour, target.shape, self.objects),
+            presence_qa(*_absent_pair(self.objects, rng), self.objects),
             colour_qa(target),
             shape_qa(target),
         ]
@@ -279,15 +281,39 @@ class SyntheticVideo:
         return out
 
 
-def presence_qa(colour: str, shape: str, present: bool) -> QA:
-    """"Is there a red square in the video?" """
+def presence_qa(colour: str, shape: str, objects: tuple[SceneObject, ...]) -> QA:
+    """"Is there a red square in the video?", about a video with ``objects``.
+
+    The reply names what the key frames show, then answers: "the key frames show a red
+    circle, so no." Answered in one word, the yes/no asks the language model to bind colour to
+    shape among the visual tokens and compare both with the question in one step, which the
+    tiny answerer never learnt; naming an object is a lookup it does learn (as for colour and
+    shape questions), and the yes/no then compares words. This reply assumes the key frames
+    show the object that shares most with the question (:func:`closest_object`); training
+    writes it with the object its planned frames really show (:func:`presence_reply`).
+    """
+    present = any(o.colour == colour and o.shape == shape for o in objects)
     return QA(
         question=f"Is there a {colour} {shape} in the video?",
         answer="yes" if present else "no",
         kind="presence",
         target=f"{colour} {shape}" if present else None,
-        reply="yes, there is." if present else "no, there is not.",
+        reply=presence_reply(present, closest_object(colour, shape, objects)),
+        asks=(colour, shape),
     )
+
+
+def closest_object(colour: str, shape: str, objects) -> SceneObject | None:
+    """The object of ``objects`` sharing most of (colour, shape), the first on a tie; None if
+    there are none."""
+    return max(objects, key=lambda o: (o.colour == colour) + (o.shape == shape), default=None)
+
+
+def presence_reply(present: bool, shown: SceneObject | None) -> str:
+    """A yes/no question's reply when the key frames show ``shown`` (None: nothing)."""
+    answer = "yes" if present else "no"
+    seen = f"a {shown.name}" if shown is not None else "nothing"
+    return f"the key frames show {seen}, so {answer}."
 
 
 def colour_qa(obj: SceneObject) -> QA:
@@ -653,7 +679,8 @@ VOCABULARY: tuple[str, ...] = tuple(
                 " ".join(
                     [
                         "is there a in the video does appear early or late what color colour shape object",
-                        "yes there is no not it is a appears when where something photo of",
+                        "yes there is no not it is a appears when where something photo of so",
+                        "the key frames show nothing",
                         " ".join(COLOURS_LIST),
                         " ".join(SHAPES),
                     ]

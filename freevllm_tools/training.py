@@ -24,7 +24,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -503,11 +503,21 @@ ANSWERER_EOS = "</s>"
 
 
 def answerer_vocabulary() -> list[str]:
-    """Every word of the answerer's prompt (system prompt, instruction, primer) and the world."""
+    """Every word of the answerer's prompt (system prompt, timing sentence, instruction,
+    primer), the digits and punctuation of its times, and the world's words."""
     from . import answerer
 
-    text = f"{answerer.SYSTEM_PROMPT} {answerer.INSTRUCTION} {answerer.ANSWER_PRIMER} user assistant question"
-    return sorted(set(S.answer_words(text)) | set(S.VOCABULARY))
+    timing = answerer.timing_context([1.0, 2.0], 3.0)
+    text = f"{answerer.SYSTEM_PROMPT} {timing} {answerer.INSTRUCTION} {answerer.ANSWER_PRIMER} user assistant question"
+    return sorted(set(S.answer_words(text)) | set(S.VOCABULARY) | set("0123456789;"))
+
+
+def video_timing(video: S.SyntheticVideo, indices: np.ndarray, plan: Any) -> str:
+    """The prompt's timing sentence for ``plan`` over ``video``'s sampled frames ``indices``
+    (the one :class:`~freevllm_tools.pipeline.FreeVideoLLM` writes for the video's file)."""
+    from .answerer import timing_context
+
+    return timing_context([video.timestamp(int(indices[i])) for i in plan.key_frames], video.duration)
 
 
 def answerer_tokenizer() -> Any:
@@ -710,9 +720,18 @@ class AnswererTrainingConfig:
     answer_weight: float = 3.0
     """Loss weight of the answer word (the colour, shape, yes/no, early/late) against the
     reply's fixed words."""
-    presence_weight: float = 1.5
-    """Sampling weight of a yes/no question against one of another kind (yes/no questions with
-    a colour-shape swap as the "no" are the hardest to learn)."""
+    kind_weights: dict[str, float] = field(default_factory=lambda: {"presence": 1.5})
+    """Sampling weight of a question kind (``presence``, ``colour``, ``shape``, ``when``;
+    default 1) against the others: yes/no questions with a colour-shape swap as the "no" are
+    the hardest to learn."""
+    text_batch: int = 32
+    """Text-only samples a step (no visual tokens, loss on the yes/no or early/late word
+    alone): a yes/no after a named object, early/late after a timing sentence. These steps
+    compare words with words; with one such word in a few hundred tokens of video, the
+    answerer never learnt them (it gave every yes/no and every early/late question one
+    answer). Short, so cheap."""
+    text_weight: float = 1.0
+    """Weight of the text-only loss."""
     align_weight: float = 0.5
     """Weight of the alignment loss (LLaVA's stage 1, at the patch level): each projected patch
     token that an object covers, read through the language model's output head, names the
@@ -764,6 +783,66 @@ def _owners(video: S.SyntheticVideo, indices: np.ndarray, grid: tuple[int, int])
             coverage = mask.reshape(h, ph, w, pw).mean(axis=(1, 3)).reshape(-1)
             owner[t, coverage >= 0.3] = k
     return torch.from_numpy(owner)
+
+
+def shown_object(
+    video: S.SyntheticVideo, owner: torch.Tensor, asks: tuple[str, str] | None
+) -> S.SceneObject | None:
+    """The object that key frames with patch owners ``owner`` ``(K, h*w)`` show: of those
+    covering a patch, the one sharing most with ``asks`` (colour, shape), then covering most."""
+    counts = torch.bincount(owner[owner >= 0].flatten(), minlength=len(video.objects)).tolist()
+    colour, shape = asks or (None, None)
+    seen = [
+        ((o.colour == colour) + (o.shape == shape), counts[k], -k)
+        for k, o in enumerate(video.objects)
+        if counts[k] > 0
+    ]
+    return video.objects[-max(seen)[2]] if seen else None
+
+
+def named_object(colour: str, shape: str, rng: np.random.Generator) -> tuple[bool, S.SceneObject | None]:
+    """``(present, shown)`` for a yes/no reply about (colour, shape): half the time that
+    object, else one with the colour, the shape or both changed, or nothing."""
+    if rng.random() < 0.5:
+        return True, S.SceneObject(colour, shape, 0, 1, 16, 0.0, 0.0)
+    change = int(rng.integers(4))
+    other_colour = str(rng.choice([c for c in S.COLOURS_LIST if c != colour]))
+    other_shape = str(rng.choice([x for x in S.SHAPES if x != shape]))
+    if change == 3:
+        return False, None
+    named = (other_colour if change != 1 else colour, other_shape if change != 0 else shape)
+    return False, S.SceneObject(*named, 0, 1, 16, 0.0, 0.0)
+
+
+def text_only_example(rng: np.random.Generator) -> tuple[str, str, str]:
+    """A ``(question, timing sentence, reply)`` whose answer word follows from the words alone.
+
+    Half yes/no after "the key frames show ..." (the object asked about half the time, else one
+    or both words changed, or nothing); half early/late from key-frame times drawn the way a
+    guide picks them: inside the object's window, at times one of three or more astray (so
+    the middle time is always inside).
+    """
+    from .answerer import timing_context
+
+    n, fps = S.DEFAULT_NUM_FRAMES, S.DEFAULT_FPS
+    frame_of = sample_frame_indices(n, 50)
+    colour = S.COLOURS_LIST[rng.integers(len(S.COLOURS_LIST))]
+    shape = S.SHAPES[rng.integers(len(S.SHAPES))]
+    count = int(rng.choice([1, 2, 3, 3, 3, 4, 8]))
+    if rng.random() < 0.5:
+        reply = S.presence_reply(*named_object(colour, shape, rng))
+        positions = sorted(rng.choice(50, size=count, replace=False).tolist())
+        context = timing_context([frame_of[p] / fps for p in positions], n / fps)
+        return S.presence_qa(colour, shape, ()).question, context, reply
+    when = ("early", "late")[int(rng.integers(2))]
+    start, end = S._window(rng, n, brief=bool(rng.random() < 0.5), when=when)
+    inside = [p for p, f in enumerate(frame_of) if start <= f < end]
+    positions = rng.permutation(inside)[:count].tolist()
+    if len(positions) >= 3 and rng.random() < 0.1:
+        positions[-1] = int(rng.choice([p for p in range(50) if p not in inside]))
+    context = timing_context([frame_of[p] / fps for p in sorted(positions)], n / fps)
+    qa = S.when_qa(S.SceneObject(colour, shape, start, end, 16, 0.0, 0.0), when)
+    return qa.question, context, qa.reply
 
 
 def check_shared_tower(answerer: Any, guide: Any, frames: np.ndarray) -> float:
@@ -832,19 +911,30 @@ def train_answerer(
     log(json.dumps({"encoded_videos": len(features), "seconds": round(encode_s, 1), "tower_drift": drift}))
 
     text_cache: dict[str, torch.Tensor] = {}
-    prompt_cache: dict[str, tuple[torch.Tensor, int]] = {}
+    prompt_cache: dict[tuple[str, str], tuple[torch.Tensor, int]] = {}
 
     def text_embedding(question: str) -> torch.Tensor:
         if question not in text_cache:
             text_cache[question] = guide.encode_text([question])[0]
         return text_cache[question]
 
-    def prompt(question: str) -> tuple[torch.Tensor, int]:
-        if question not in prompt_cache:
-            ids = answerer.tokenize_prompt(question)
+    def prompt(question: str, context: str) -> tuple[torch.Tensor, int]:
+        if (question, context) not in prompt_cache:
+            ids = answerer.tokenize_prompt(question, context)
             position = int((ids == answerer.image_token_id).nonzero()[0, 0])
-            prompt_cache[question] = (ids, position)
-        return prompt_cache[question]
+            prompt_cache[question, context] = (ids, position)
+        return prompt_cache[question, context]
+
+    decision_ids = {tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no", "early", "late")}
+
+    def text_sample(generator: np.random.Generator) -> tuple[torch.Tensor, int]:
+        """Prompt (placeholder dropped) + reply up to its answer word, and that word's id."""
+        question, context, reply = text_only_example(generator)
+        ids, position = prompt(question, context)
+        words = tokenizer(" " + reply, add_special_tokens=False)["input_ids"]
+        at = max(i for i, t in enumerate(words) if t in decision_ids)
+        sequence = torch.cat([ids[:position], ids[position + 1 :], torch.tensor(words[:at], dtype=torch.long)])
+        return sequence, int(words[at])
 
     vision = model.model.vision_tower
     vision.requires_grad_(False)
@@ -875,10 +965,7 @@ def train_answerer(
             p = short if step < cfg.curriculum * cfg.steps else weights
             label, config, _ = mixture[int(rng.choice(len(mixture), p=p))]
             qa_list = item.video.questions()
-            if label.startswith("guided-"):
-                # guided frames keep no trace of when they were: early/late is unanswerable there
-                qa_list = [q for q in qa_list if q.kind != "when"]
-            kind_weights = np.array([cfg.presence_weight if q.kind == "presence" else 1.0 for q in qa_list])
+            kind_weights = np.array([cfg.kind_weights.get(q.kind, 1.0) for q in qa_list])
             qa = qa_list[int(rng.choice(len(qa_list), p=kind_weights / kind_weights.sum()))]
             plan = perception.plan(config, item.pooled, item.dense, text_embedding(qa.question), grid)
             used = sorted({f for p in plan.pathways.values() for f in p.frames})
@@ -896,8 +983,13 @@ def train_answerer(
                     torch.tensor([[colour_ids[o.colour], shape_ids[o.shape]] for o in objects])
                 )
             visual = perception.gather(plan, tokens)
-            ids, position = prompt(qa.question)
-            reply = tokenizer(" " + qa.reply, add_special_tokens=False)["input_ids"] + [eos]
+            ids, position = prompt(qa.question, video_timing(item.video, item.indices, plan))
+            reply_text = qa.reply
+            if qa.kind == "presence":
+                shown = shown_object(item.video, item.owner[plan.key_frames], qa.asks)
+                if shown is not None or qa.answer == "no":
+                    reply_text = S.presence_reply(qa.answer == "yes", shown)
+            reply = tokenizer(" " + reply_text, add_special_tokens=False)["input_ids"] + [eos]
             reply_ids = torch.tensor(reply)
             text = embed(ids)
             sequence = torch.cat([text[:position], visual, text[position + 1 :], embed(reply_ids[:-1])])
@@ -931,6 +1023,20 @@ def train_answerer(
                 F.cross_entropy(align_logits, align_target[:, 0]) + F.cross_entropy(align_logits, align_target[:, 1])
             )
             loss = loss + cfg.align_weight * align_loss
+        text_loss = torch.zeros(())
+        if cfg.text_batch and cfg.text_weight > 0:
+            rows_text = [text_sample(rng) for _ in range(cfg.text_batch)]
+            longest = max(len(ids) for ids, _ in rows_text)
+            padded = torch.full((len(rows_text), longest), tokenizer.pad_token_id)
+            text_mask = torch.zeros(len(rows_text), longest, dtype=torch.long)
+            for row, (ids, _) in enumerate(rows_text):
+                padded[row, : len(ids)] = ids
+                text_mask[row, : len(ids)] = 1
+            out = language_model(inputs_embeds=embed(padded), attention_mask=text_mask).last_hidden_state
+            last = torch.tensor([len(ids) - 1 for ids, _ in rows_text])
+            text_logits = model.lm_head(out[torch.arange(len(rows_text)), last])
+            text_loss = F.cross_entropy(text_logits, torch.tensor([t for _, t in rows_text]))
+            loss = loss + cfg.text_weight * text_loss
         optim.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -942,6 +1048,7 @@ def train_answerer(
                 "loss": round(float(loss.detach()), 4),
                 "qa": round(float(qa_loss.detach()), 4),
                 "align": round(float(align_loss.detach()), 4),
+                "text": round(float(text_loss.detach()), 4),
                 "mean_visual_tokens": round(float(np.mean(token_counts)), 1),
                 "seconds": round(time.perf_counter() - started, 1),
             }
@@ -978,7 +1085,7 @@ def evaluate_answerer(
     config: Any,
     *,
     kinds: Sequence[str] | None = None,
-    max_new_tokens: int = 8,
+    max_new_tokens: int = 16,
 ) -> dict[str, Any]:
     """Accuracy of ``answerer`` on every question of ``videos`` (rendered frames through
     :func:`simulate_codec`), with ``guide`` planning under ``config``. Returns overall and
@@ -996,7 +1103,8 @@ def evaluate_answerer(
                 continue
             text = guide.encode_text([qa.question])[0]
             result = perception.perceive(config, tokens, feats.pooled, feats.dense, text)
-            answer = answerer.answer(qa.question, result.tokens, max_new_tokens=max_new_tokens).text
+            context = video_timing(video, idx, result.plan)
+            answer = answerer.answer(qa.question, result.tokens, context=context, max_new_tokens=max_new_tokens).text
             correct.setdefault(qa.kind, []).append(S.grade(qa, answer))
     every = [c for values in correct.values() for c in values]
     return {

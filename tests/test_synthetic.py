@@ -98,6 +98,10 @@ def test_questions_have_one_right_answer():
             if qa.kind == "presence":
                 named = qa.question.removeprefix("Is there a ").removesuffix(" in the video?")
                 assert (named in names) == (qa.answer == "yes")
+                assert qa.asks == tuple(named.split())
+                shown = S.closest_object(*qa.asks, video.objects)
+                assert sum(a == b for a, b in zip(qa.asks, (shown.colour, shown.shape))) == (2 if qa.answer == "yes" else 1)
+                assert qa.reply == f"the key frames show a {shown.name}, so {qa.answer}."
             elif qa.kind == "colour":
                 shape = qa.question.removeprefix("What color is the ").removesuffix("?")
                 assert [o.colour for o in video.objects if o.shape == shape] == [qa.answer]
@@ -116,6 +120,10 @@ def test_questions_have_one_right_answer():
         ("presence", "yes", "In the video, no, there is not.", False),
         ("presence", "no", "In the video, no, there is not.", True),
         ("presence", "no", "In the video, yes.", False),
+        ("presence", "no", "In the video, the key frames show a red circle, so no.", True),
+        ("presence", "yes", "In the video, the key frames show a red circle, so no.", False),
+        ("presence", "yes", "In the video, the key frames show a red square, so yes.", True),
+        ("presence", "no", "In the video, the key frames show nothing, so no.", True),
         ("colour", "red", "In the video, it is red.", True),
         ("colour", "red", "In the video, it is red or blue.", False),
         ("colour", "red", "In the video, it is blue.", False),
@@ -174,3 +182,17 @@ def test_tiny_configs_token_counts():
     for k in (1, 2, 4, 8):
         assert S.guided_config(k).num_visual_tokens(grid, 50) == k * 64
         assert S.uniform_config(k).num_visual_tokens(grid, 50) == k * 64
+
+
+def test_presence_reply_names_what_the_key_frames_show_then_answers():
+    objects = (S.SceneObject("red", "circle", 0, 10, 16, 0.0, 0.0), S.SceneObject("blue", "square", 5, 20, 16, 32.0, 0.0))
+    cases = {
+        ("red", "circle"): ("yes", "the key frames show a red circle, so yes."),
+        ("red", "square"): ("no", "the key frames show a red circle, so no."),  # first of two that share one word
+        ("green", "square"): ("no", "the key frames show a blue square, so no."),
+    }
+    for (colour, shape), (answer, reply) in cases.items():
+        qa = S.presence_qa(colour, shape, objects)
+        assert (qa.question, qa.answer, qa.reply) == (f"Is there a {colour} {shape} in the video?", answer, reply)
+        assert S.grade(qa, f"In the video, {qa.reply}")
+    assert S.presence_reply(False, None) == "the key frames show nothing, so no."
