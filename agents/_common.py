@@ -6,14 +6,23 @@ import argparse
 import hashlib
 import os
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 # The CLI's own model flags and loader, so the agents take exactly what `freevllm ask` takes.
 from freevllm_tools import cli
 from freevllm_tools.cli import check_video
+from freevllm_tools.errors import FreeVideoError
 
-__all__ = ["add_model_options", "load_pipeline", "check_video", "open_folder_library", "folder_library_dir"]
+__all__ = [
+    "add_model_options",
+    "load_pipeline",
+    "check_video",
+    "open_folder_library",
+    "folder_library_dir",
+    "run_on_folder",
+]
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -62,3 +71,36 @@ def open_folder_library(
     if report.failed or report.warnings:
         print(report, file=sys.stderr)
     return library
+
+
+def run_on_folder(
+    prog: str,
+    args: argparse.Namespace,
+    build_agent: Callable[[Any, Any], Any],
+    converse: Callable[[Any, Iterable[str]], None],
+    out: TextIO,
+) -> int:
+    """An agent's ``main``: load the pipeline, index ``args.folder``, build the agent from
+    ``(qa, library)``, and ``converse`` over ``args.question`` or stdin's non-empty lines.
+
+    Returns the exit status: 0, 2 after an error of the project's own type (printed as one
+    line), 130 when interrupted. The library is closed whatever happens.
+    """
+    library = None
+    try:
+        qa = load_pipeline(args)
+        library = open_folder_library(args.folder, qa, args.library, progress=False)
+        agent = build_agent(qa, library)
+        print(f"{len(library)} video(s) in {args.folder}", file=out)
+        questions = [args.question] if args.question else (line.strip() for line in sys.stdin)
+        converse(agent, (q for q in questions if q))
+    except FreeVideoError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if library is not None:
+            library.close()
+    return 0

@@ -21,8 +21,7 @@ from typing import Any, TextIO
 from langchain.chat_models import init_chat_model
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
-from agents._common import add_model_options, load_pipeline, open_folder_library
-from freevllm_tools.errors import FreeVideoError
+from agents._common import add_model_options, run_on_folder
 from freevllm_tools.integrations.langchain import FreeVideoToolkit
 
 __all__ = ["build_agent", "ask", "main", "SYSTEM_PROMPT"]
@@ -102,31 +101,23 @@ def main(argv: Sequence[str] | None = None, *, model: Any = None, out: TextIO | 
     args = parser.parse_args(argv)
     if model is None and args.model is None:
         parser.error("pass --model provider:model, e.g. --model openai:gpt-4o-mini (pip install langchain-openai)")
-    library = None
-    try:
-        qa = load_pipeline(args)
-        library = open_folder_library(args.folder, qa, args.library, progress=False)
-        agent = build_agent(model if model is not None else args.model, qa, library, allowed_roots=[args.folder])
-        print(f"{len(library)} video(s) in {args.folder}", file=out)
-        questions = [args.question] if args.question else (line.strip() for line in sys.stdin)
+    chat_model = model if model is not None else args.model
+
+    def converse(agent: Any, questions: Any) -> None:
         history: list[BaseMessage] = []
         for question in questions:
-            if not question:
-                continue
             print(f"you> {question}", file=out)
             messages = ask(agent, question, history)
             print_turn(messages, len(history) + 1, out)
             history = messages
-    except FreeVideoError as error:
-        print(f"langchain_agent: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if library is not None:
-            library.close()
-    return 0
+
+    return run_on_folder(
+        "langchain_agent",
+        args,
+        lambda qa, library: build_agent(chat_model, qa, library, allowed_roots=[args.folder]),
+        converse,
+        out,
+    )
 
 
 if __name__ == "__main__":

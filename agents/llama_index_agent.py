@@ -23,8 +23,8 @@ from typing import Any, TextIO
 from llama_index.core.agent.workflow import FunctionAgent, ToolCall, ToolCallResult
 from llama_index.core.workflow import Context
 
-from agents._common import add_model_options, load_pipeline, open_folder_library
-from freevllm_tools.errors import FreeVideoError, InputError
+from agents._common import add_model_options, run_on_folder
+from freevllm_tools.errors import InputError
 from freevllm_tools.integrations.llama_index import FreeVideoToolSpec
 
 __all__ = ["build_agent", "ask", "load_llm", "main", "SYSTEM_PROMPT", "PROVIDERS"]
@@ -112,8 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
 async def _chat(agent: FunctionAgent, questions: Any, out: TextIO) -> None:
     ctx = Context(agent)
     for question in questions:
-        if not question:
-            continue
         print(f"you> {question}", file=out)
         answer = await ask(agent, question, ctx, out)
         print(f"agent> {answer}", file=out, flush=True)
@@ -129,24 +127,14 @@ def main(argv: Sequence[str] | None = None, *, llm: Any = None, out: TextIO | No
     args = parser.parse_args(argv)
     if llm is None and args.model is None:
         parser.error("pass --model provider:model, e.g. --model openai:gpt-4o-mini (pip install llama-index-llms-openai)")
-    library = None
-    try:
-        qa = load_pipeline(args)
-        library = open_folder_library(args.folder, qa, args.library, progress=False)
-        agent = build_agent(llm if llm is not None else args.model, qa, library, allowed_roots=[args.folder])
-        print(f"{len(library)} video(s) in {args.folder}", file=out)
-        questions = [args.question] if args.question else (line.strip() for line in sys.stdin)
-        asyncio.run(_chat(agent, questions, out))
-    except FreeVideoError as error:
-        print(f"llama_index_agent: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        if library is not None:
-            library.close()
-    return 0
+    chat_llm = llm if llm is not None else args.model
+    return run_on_folder(
+        "llama_index_agent",
+        args,
+        lambda qa, library: build_agent(chat_llm, qa, library, allowed_roots=[args.folder]),
+        lambda agent, questions: asyncio.run(_chat(agent, questions, out)),
+        out,
+    )
 
 
 if __name__ == "__main__":
