@@ -340,6 +340,28 @@ CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def llava_next_processor(
+    tokenizer, image_size: int, patch_size: int, mean, std, pinpoints: list[list[int]]
+):
+    """A ``LlavaNextProcessor`` for a square ``image_size`` tower with ``patch_size`` patches,
+    saved with a model so that ``LlavaAnswerer.from_pretrained`` finds its normalisation."""
+    from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(mean),
+        image_std=list(std),
+        image_grid_pinpoints=pinpoints,
+    )
+    return LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+    )
+
+
 def tiny_llava_next(
     seed: int = 0,
     *,
@@ -366,8 +388,6 @@ def tiny_llava_next(
         LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
     )
 
     from .answerer import LlavaAnswerer
@@ -408,19 +428,7 @@ def tiny_llava_next(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlavaNextForConditionalGeneration(config).eval()
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=list(CLIP_IMAGE_MEAN),
-        image_std=list(CLIP_IMAGE_STD),
-        image_grid_pinpoints=pinpoints,
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-    )
+    processor = llava_next_processor(tokenizer, image_size, patch_size, CLIP_IMAGE_MEAN, CLIP_IMAGE_STD, pinpoints)
     return LlavaAnswerer.from_model(
         model.to(device),
         tokenizer,

@@ -616,11 +616,10 @@ def build_tiny_answerer(guide: Any, sizes: AnswererModelConfig | None = None, *,
         LlamaConfig,
         LlavaNextConfig,
         LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
     )
 
     from .answerer import LlavaAnswerer
+    from .testing import llava_next_processor
 
     sizes = sizes or AnswererModelConfig()
     tokenizer = answerer_tokenizer()
@@ -662,19 +661,7 @@ def build_tiny_answerer(guide: Any, sizes: AnswererModelConfig | None = None, *,
         raise RuntimeError(f"vision tower conversion: missing {missing[:4]}, unexpected {unexpected[:4]}")
     mean = tuple(float(v) for v in guide.preprocess_cfg.get("mean"))
     std = tuple(float(v) for v in guide.preprocess_cfg.get("std"))
-    image_processor = LlavaNextImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=list(mean),
-        image_std=list(std),
-        image_grid_pinpoints=pinpoints,
-    )
-    processor = LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch,
-        vision_feature_select_strategy="default",
-    )
+    processor = llava_next_processor(tokenizer, image_size, patch, mean, std, pinpoints)
     return LlavaAnswerer.from_model(
         model, tokenizer, image_mean=mean, image_std=std, rope_scaling_factor=2.0, processor=processor
     )
